@@ -1,0 +1,1 @@
+"""medleak: patient-level membership-inference audits of medical-imaging models."""

@@ -1,0 +1,1 @@
+"""Stage 1, dataset: official download layouts → a `RecordsTable`, images → a uint8 cache."""
