@@ -1,0 +1,118 @@
+"""The patient-level plan: exact IN counts, LiRA's construction, storage and refusal of mismatches."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.campaign import plan
+from src.config import TrainConfig
+from src.data_utils.records import RecordsTable
+from src.errors import MedleakError
+
+
+def slow_patient_mask(n_runs, n_patients, subset_ratio, seed):
+    """Obviously-correct loop version of LiRA's `keep.argsort(0) < k`, from the same noise."""
+    noise = np.random.default_rng(seed).uniform(size=(n_runs, n_patients))
+    k = int(np.floor(subset_ratio * n_runs + 0.5))
+    mask = np.zeros((n_runs, n_patients), dtype=bool)
+    for patient in range(n_patients):
+        runs_by_noise = sorted(range(n_runs), key=lambda run: noise[run, patient])
+        for position in range(n_runs):
+            mask[position, patient] = runs_by_noise[position] < k
+    return mask
+
+
+@pytest.mark.parametrize("n_runs,ratio", [(8, 0.5), (7, 0.5), (10, 0.3), (3, 0.9), (1, 0.5)])
+def test_every_patient_in_for_exactly_k_runs(n_runs, ratio):
+    mask = plan.make_patient_mask(n_runs, 53, ratio, seed=1)
+    k = int(np.floor(ratio * n_runs + 0.5))
+    assert mask.shape == (n_runs, 53) and mask.dtype == bool
+    assert (mask.sum(axis=0) == k).all()
+
+
+def test_matches_slow_loop_and_is_seeded():
+    fast = plan.make_patient_mask(9, 40, 0.5, seed=3)
+    np.testing.assert_array_equal(fast, slow_patient_mask(9, 40, 0.5, seed=3))
+    np.testing.assert_array_equal(fast, plan.make_patient_mask(9, 40, 0.5, seed=3))
+    assert not np.array_equal(fast, plan.make_patient_mask(9, 40, 0.5, seed=4))
+
+
+def test_membership_is_uniform_and_independent_across_patients():
+    # Known answer: each run holds each patient with probability k/n, and two runs share a
+    # patient with probability k(k-1)/(n(n-1)); check both within 5 standard errors.
+    n_runs, n_patients = 6, 20000
+    mask = plan.make_patient_mask(n_runs, n_patients, 0.5, seed=0)
+    p = 3 / 6
+    sd = np.sqrt(n_patients * p * (1 - p))
+    assert np.all(np.abs(mask.sum(axis=1) - n_patients * p) < 5 * sd)
+    both = (mask[0] & mask[1]).mean()
+    p_both = 3 * 2 / (6 * 5)
+    assert abs(both - p_both) < 5 * np.sqrt(p_both * (1 - p_both) / n_patients)
+
+
+def test_bad_settings_are_refused():
+    for args in [(0, 5, 0.5), (4, 0, 0.5), (4, 5, 0.0), (4, 5, 1.0), (1, 5, 0.2)]:
+        with pytest.raises(MedleakError):
+            plan.make_patient_mask(*args, seed=0)
+
+
+def test_records_inherit_their_patients_bit():
+    patients, index = plan.patient_index(["p2", "p1", "p2", "p3", "p1"])
+    assert list(patients) == ["p2", "p1", "p3"]
+    np.testing.assert_array_equal(index, [0, 1, 0, 2, 1])
+    row = np.array([True, False, True])
+    np.testing.assert_array_equal(plan.record_mask(row, index), [True, False, True, True, False])
+
+
+def test_run_seeds_differ_between_runs_and_campaigns():
+    seeds = {plan.run_seed(0, run) for run in range(100)} | {plan.run_seed(1, run) for run in range(100)}
+    assert len(seeds) == 200
+    assert plan.run_seed(5, 7) == plan.run_seed(5, 7)
+
+
+def make_tables(n_patients=6, images_per_patient=2):
+    rows = []
+    for p in range(n_patients + 2):
+        for i in range(images_per_patient):
+            rows.append(dict(record_id=f"r{p}_{i}", patient_id=f"p{p}", path=f"img/{p}_{i}.png",
+                             split="train" if p < n_patients else "test", a=float(i == 0), b=float(i != 0),
+                             sex="F" if p % 2 else "M"))
+    table = RecordsTable("toy", pd.DataFrame(rows), ("a", "b"), "multiclass", ("sex",))
+    return table.split("train"), table.split("test")
+
+
+def document(train, test, **config):
+    return plan.plan_document("toy", train, test, TrainConfig(**config), n_runs=4, subset_ratio=0.5, seed=0)
+
+
+def test_plan_is_written_once_and_then_checked(tmp_path):
+    train, test = make_tables()
+    wanted = document(train, test, epochs=2)
+    stored, mask, created = plan.ensure_plan(tmp_path, wanted, train, test)
+    assert created and mask.shape == (4, 6) and (mask.sum(axis=0) == 2).all()
+    for name in ("plan.json", "patient_mask.npy", "patients.csv", "records.csv", "test_records.csv"):
+        assert (tmp_path / name).is_file()
+    records = pd.read_csv(tmp_path / "records.csv")
+    assert list(records["record_id"]) == list(train.df["record_id"])
+    assert "split" not in records.columns and {"a", "b", "sex", "path"} <= set(records.columns)
+    patients = pd.read_csv(tmp_path / "patients.csv")["patient_id"].tolist()
+    assert patients == [f"p{p}" for p in range(6)]
+    assert stored["dataset_hash"] == train.content_hash() and stored["train_config"]["epochs"] == 2
+
+    again, mask_again, created_again = plan.ensure_plan(tmp_path, document(train, test, epochs=2), train, test)
+    assert not created_again
+    np.testing.assert_array_equal(mask, mask_again)
+
+
+def test_mismatched_config_or_dataset_is_refused_naming_the_keys(tmp_path):
+    train, test = make_tables()
+    plan.ensure_plan(tmp_path, document(train, test, epochs=2), train, test)
+    with pytest.raises(MedleakError) as err:
+        plan.ensure_plan(tmp_path, document(train, test, epochs=3, learning_rate=0.5), train, test)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "train_config.epochs (logdir: 2, now: 3)" in message
+    assert "train_config.learning_rate" in message
+    other_train, other_test = make_tables(n_patients=5)
+    with pytest.raises(MedleakError, match="dataset_hash"):
+        plan.ensure_plan(tmp_path, document(other_train, other_test, epochs=2), other_train, other_test)
