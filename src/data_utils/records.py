@@ -168,3 +168,121 @@ def read_csv(path, source_flag=None, **kwargs) -> pd.DataFrame:
     if len(df) == 0:
         raise MedleakError(f"{path}: the CSV file has a header but no rows")
     return df
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers for the loaders (src/data_utils/<dataset>.py).
+# ---------------------------------------------------------------------------------------------
+
+RACE_GROUPS = ("White", "Black", "Asian", "Hispanic/Latino", "Other", UNKNOWN)
+
+
+def resolve_file(data_root, relpath, flag) -> Path:
+    """`relpath` (absolute, or relative to `data_root`) as an existing file; errors name `flag`."""
+    if relpath is None or str(relpath).strip() == "":
+        raise MedleakError(f"{flag} is empty; give a file path")
+    path = Path(str(relpath)).expanduser()
+    if not path.is_absolute():
+        path = Path(data_root) / path
+    if not path.is_file():
+        raise MedleakError(f"{path}: file not found (check --data_root={data_root} and {flag})")
+    return path
+
+
+def optional_file(data_root, relpath, flag, fallbacks=()):
+    """Like `resolve_file` for an optional input: an explicit `relpath` must exist; with none
+    given, the first existing file among `fallbacks` (relative to `data_root`) or None."""
+    if relpath not in (None, ""):
+        return resolve_file(data_root, relpath, flag)
+    for name in fallbacks:
+        path = Path(data_root) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def id_strings(values: pd.Series) -> pd.Series:
+    """Ids as strings without a float's '.0' (pandas reads integer id columns with blanks as float)."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all() and (numeric == numeric.round()).all():
+        return numeric.astype("int64").astype(str)
+    return values.astype(str).str.strip()
+
+
+def parse_float(value, flag, low=None, high=None) -> float:
+    """A float option given as a string (absl string flags), with a one-line error naming the flag."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise MedleakError(f"{flag} must be a number, got {value!r}") from None
+    if (low is not None and out < low) or (high is not None and out > high) or not np.isfinite(out):
+        raise MedleakError(f"{flag} must be between {low} and {high}, got {value!r}")
+    return out
+
+
+def parse_list(value) -> list:
+    """Comma-separated option → list of stripped, non-empty strings."""
+    return [v.strip() for v in str(value or "").split(",") if v.strip()]
+
+
+def race_group(series: pd.Series) -> pd.Series:
+    """Maps free-text race/ethnicity descriptions (they differ between datasets and releases) onto
+    the coarse groups in `RACE_GROUPS`; refused/unknown/missing → 'unknown'."""
+    text = subgroup_values(series).str.lower()
+    out = pd.Series("Other", index=series.index, dtype=object)
+    rules = [  # later rules win; unknown last so 'Unknown, Unavailable' never counts as a group
+        (r"hispanic|latino", "Hispanic/Latino"),
+        (r"white|caucasian", "White"),
+        (r"\basian", "Asian"),
+        (r"black|african", "Black"),
+        (r"^unknown$|unknown|unavailable|unable|declin|refus|not recorded|not reported|unreported", UNKNOWN),
+    ]
+    for pattern, group in rules:
+        out[text.str.contains(pattern, regex=True)] = group
+    return out.astype(str)
+
+
+def patient_split(patient_ids, test_fraction: float, seed: int) -> pd.Series:
+    """Seeded patient-grouped split for datasets without an official one: a `test_fraction` share
+    of the unique patients (at least one) → 'test'. Returns the split per element of `patient_ids`.
+    Patients are sorted before shuffling so the split does not depend on row order."""
+    patient_ids = pd.Series(patient_ids).astype(str)
+    unique = np.array(sorted(patient_ids.unique()))
+    n_test = int(round(test_fraction * len(unique)))
+    n_test = min(max(n_test, 1), len(unique) - 1) if len(unique) > 1 else 0
+    rng = np.random.default_rng(seed)
+    test_patients = set(unique[rng.permutation(len(unique))[:n_test]])
+    return patient_ids.map(lambda p: "test" if p in test_patients else "train")
+
+
+def one_hot(class_index, n_classes: int) -> np.ndarray:
+    """(n,) int class index → (n, n_classes) float32 one-hot matrix."""
+    class_index = np.asarray(class_index, dtype=np.int64)
+    out = np.zeros((len(class_index), n_classes), dtype=np.float32)
+    out[np.arange(len(class_index)), class_index] = 1.0
+    return out
+
+
+def build_table(name, base: pd.DataFrame, labels, label_names, task, subgroups: dict, data_root,
+                channels=1, image_key=None) -> RecordsTable:
+    """Assembles and validates a RecordsTable from the loader's pieces.
+
+    `base` holds record_id, patient_id, path, split (any index); `labels` is an (n, C) array;
+    `subgroups` maps subgroup column → Series/array aligned with `base`.
+    """
+    base = base.reset_index(drop=True)
+    df = pd.DataFrame({
+        "record_id": base["record_id"].astype(str),
+        "patient_id": base["patient_id"].astype(str),
+        "path": base["path"].astype(str),
+        "split": base["split"].astype(str),
+    })
+    labels = np.asarray(labels, dtype=np.float32)
+    for j, label in enumerate(label_names):
+        df[label] = labels[:, j]
+    for column, values in subgroups.items():
+        values = values.reset_index(drop=True) if isinstance(values, pd.Series) else pd.Series(values)
+        df[column] = subgroup_values(values).to_numpy()
+    table = RecordsTable(name=name, df=df, label_names=tuple(label_names), task=task,
+                         subgroups=tuple(subgroups), channels=channels, image_key=image_key)
+    return validate(table, data_root)
