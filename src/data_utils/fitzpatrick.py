@@ -13,6 +13,8 @@ paper). Each image is its own patient (the dataset has no patient ids); duplicat
 keep the first. Skin type: `fitzpatrick_scale` 1–6 grouped I/II, III/IV, V/VI; −1/blank → unknown.
 """
 
+from pathlib import Path
+
 import pandas as pd
 from absl import logging
 
@@ -41,8 +43,8 @@ def load(data_root, **options) -> records.RecordsTable:
     opts = {k: v for k, (v, _) in OPTIONS.items()} | options
     path = records.optional_file(data_root, opts["csv"], "--csv", (DOWNLOADED_CSV, ORIGINAL_CSV))
     if path is None:
-        raise MedleakError(f"{data_root}: neither {DOWNLOADED_CSV} nor {ORIGINAL_CSV} found "
-                           "(check --data_root or pass --csv)")
+        raise MedleakError(f"{Path(data_root) / ORIGINAL_CSV}: file not found (nor {DOWNLOADED_CSV}); "
+                           "check --data_root or pass --csv")
     df = records.read_csv(path, "--csv")
     id_col, label_col, skin_col = opts["id_column"], opts["label_column"], opts["skin_type_column"]
     records.require_columns(df, [id_col, label_col, skin_col, opts["qc_column"]], path)
