@@ -134,9 +134,16 @@ def _array_to_pil(array) -> Image.Image:
 
 
 def _size(img_size):
-    if isinstance(img_size, (int, np.integer)):
-        return int(img_size), int(img_size)
-    height, width = (int(v) for v in img_size)
+    """`img_size` as a checked (height, width) tuple of positive ints."""
+    try:
+        if isinstance(img_size, (int, np.integer)):
+            height = width = int(img_size)
+        else:
+            height, width = (int(v) for v in img_size)
+    except (TypeError, ValueError):
+        raise MedleakError(f"img_size must be an int or (height, width), got {img_size!r}") from None
+    if height <= 0 or width <= 0:
+        raise MedleakError(f"img_size must be positive, got {img_size!r}")
     return height, width
 
 
