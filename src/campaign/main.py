@@ -1,0 +1,233 @@
+"""The campaign entry point shared by the per-dataset scripts (fitzpatrick.py, chexpert.py, …).
+
+One worker process: load the dataset's records table → create or check the logdir's plan under the
+queue lock → claim runs until none is left; for each run train a model on its IN patients' records,
+infer every training record under V views and the test set, and write the run directory atomically.
+Images are decoded into the cache and the Trainer is built (compiled) only when the first run is
+claimed, so a worker started on a finished campaign exits in seconds. Start as many workers as you
+like, on as many machines as share the logdir.
+"""
+
+import functools
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from src.campaign import plan, rundir
+from src.campaign.workqueue import WorkQueue, work_loop
+from src.errors import MedleakError
+
+EVAL_ONLY_DIR = "eval_only"
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def prepare_campaign(queue: WorkQueue, document: dict, train_table, test_table, log=_log):
+    """Creates the logdir's plan (first worker) or checks it (later ones), all under the queue lock.
+
+    Returns (stored plan document, patient mask, created).
+    """
+    with queue.locked():
+        stored, patient_mask, created = plan.ensure_plan(queue.logdir, document, train_table, test_table)
+        queue.initialize(stored["campaign"]["n_runs"])
+    if created:
+        campaign = stored["campaign"]
+        log(f"created the plan of {campaign['n_runs']} runs over {stored['n_patients']} patients "
+            f"({stored['n_train_records']} training records) in {queue.logdir}")
+    return stored, patient_mask, created
+
+
+def load_splits(dataset: str, data_root, options: dict):
+    """(train table, test table) of a dataset, each re-indexed from 0 (row i = logit row i)."""
+    from src.data_utils.datasets import load_dataset
+
+    table = load_dataset(dataset, data_root, **options)
+    train_table, test_table = table.split("train"), table.split("test")
+    for name, split in (("train", train_table), ("test", test_table)):
+        if split.n_records == 0:
+            raise MedleakError(f"{dataset}: the {name} split under --data_root={data_root} is empty")
+    return train_table, test_table
+
+
+class RunTrainer:
+    """Everything one worker process needs to train runs: cached images and one compiled Trainer."""
+
+    def __init__(self, train_table, test_table, train_config, data_root, *, cache_dir=None, cache_workers=None,
+                 log=_log):
+        from src.data_utils.image_cache import cached_images
+        from src.train_utils.training import Trainer
+
+        started = time.time()
+        self.train_table, self.test_table, self.config = train_table, test_table, train_config
+        train_images, cached_train = cached_images(train_table, data_root, train_config.img_size,
+                                                   cache_dir=cache_dir, num_workers=cache_workers)
+        test_images, cached_test = cached_images(test_table, data_root, train_config.img_size,
+                                                 cache_dir=cache_dir, num_workers=cache_workers)
+        if cached_train.n_records != train_table.n_records or cached_test.n_records != test_table.n_records:
+            raise MedleakError(f"{train_table.name}: the image cache left out unreadable images; "
+                               "fix or remove them from the dataset so every record has an image")
+        self.cache_seconds = time.time() - started
+        log(f"images ready: train {train_images.shape}, test {test_images.shape} ({self.cache_seconds:.1f} s)")
+        self.train_labels = train_table.labels()
+        self.test_labels = test_table.labels()
+        self.trainer = Trainer(train_config, train_images, self.train_labels, train_table.task,
+                               test_images, self.test_labels)
+        self.test_subgroups = {name: test_table.df[name].to_numpy() for name in test_table.subgroups}
+
+    def train_and_infer(self, record_mask: np.ndarray, seed: int) -> dict:
+        """Trains one model on the records where `record_mask` is True; returns the run's contents."""
+        from src.train_utils.metrics import classification_metrics
+
+        task = self.train_table.task
+        started = time.time()
+        state = self.trainer.train(np.flatnonzero(record_mask), seed)
+        trained = time.time()
+        train_logits = np.asarray(self.trainer.infer_train_views(state), dtype=np.float32)
+        test_logits = np.asarray(self.trainer.infer_test(state), dtype=np.float32)
+        inferred = time.time()
+        clean = train_logits[:, 0]
+        metrics = {
+            "test": classification_metrics(test_logits, self.test_labels, task, self.test_subgroups),
+            "train_in": classification_metrics(clean[record_mask], self.train_labels[record_mask], task),
+            "train_out": (classification_metrics(clean[~record_mask], self.train_labels[~record_mask], task)
+                          if (~record_mask).any() else None),
+            "n_train_in": int(record_mask.sum()),
+            "seed": int(seed),
+            "config": self.config.to_dict(),
+            "timings": {"train_seconds": trained - started, "infer_seconds": inferred - trained},
+            "dp": _dp_report(self.trainer, state, self.config),
+        }
+        metrics.update(rundir.environment_info())
+        return dict(train_logits=train_logits, train_labels=self.train_labels, record_mask=record_mask,
+                    test_logits=test_logits, test_labels=self.test_labels, metrics=metrics)
+
+
+def _dp_report(trainer, state, config) -> dict | None:
+    """The privacy budget actually spent, when the Trainer trained with DP-SGD."""
+    if not config.dp:
+        return None
+    report = {"target_epsilon": config.epsilon, "delta": config.delta, "clip_norm": config.clip_norm,
+              "unit": config.dp_unit}
+    for source in (state, trainer):
+        for name in ("dp_report", "privacy_report"):
+            value = getattr(source, name, None)
+            if callable(value):
+                value = value()
+            if isinstance(value, dict):
+                report.update(value)
+                return report
+        spent = getattr(source, "epsilon_spent", None)
+        if spent is not None:
+            report["epsilon_spent"] = float(spent() if callable(spent) else spent)
+            return report
+    return report
+
+
+def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
+                 cache_dir=None, cache_workers=None, log=_log):
+    """One worker of a shadow-model campaign; returns the WorkSummary when nothing is left to claim."""
+    train_table, test_table = load_splits(dataset, data_root, options or {})
+    queue = WorkQueue(logdir, lease_seconds=campaign_config.lease_seconds,
+                      max_attempts=campaign_config.max_attempts)
+    document = plan.plan_document(dataset, train_table, test_table, train_config,
+                                  n_runs=campaign_config.n_runs, subset_ratio=campaign_config.subset_ratio,
+                                  seed=campaign_config.seed)
+    _, patient_mask, _ = prepare_campaign(queue, document, train_table, test_table, log=log)
+    _, record_patient_index = plan.patient_index(train_table.df["patient_id"])
+
+    @functools.cache
+    def run_trainer():
+        # built on the first claim only: a worker with nothing to do never decodes or compiles
+        return RunTrainer(train_table, test_table, train_config, data_root, cache_dir=cache_dir,
+                          cache_workers=cache_workers, log=log)
+
+    def do_run(run_index: int) -> Path:
+        mask = plan.record_mask(patient_mask[run_index], record_patient_index)
+        contents = run_trainer().train_and_infer(mask, plan.run_seed(campaign_config.seed, run_index))
+        contents["metrics"].update(run=run_index, dataset=dataset)
+        _log_test_metrics(log, rundir.run_dir_name(run_index), contents["metrics"])
+        return rundir.write_run_tmp(logdir, run_index, **contents)
+
+    return work_loop(queue, do_run, log=log)
+
+
+def run_eval_only(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
+                  cache_dir=None, cache_workers=None, log=_log) -> dict:
+    """Trains one model on the whole training split; prints and writes its test metrics.
+
+    Written to `<logdir>/eval_only/` (same files as a run directory; replaced on every call).
+    """
+    train_table, test_table = load_splits(dataset, data_root, options or {})
+    trainer = RunTrainer(train_table, test_table, train_config, data_root, cache_dir=cache_dir,
+                         cache_workers=cache_workers, log=log)
+    contents = trainer.train_and_infer(np.ones(train_table.n_records, dtype=bool), campaign_config.seed)
+    contents["metrics"].update(run=None, dataset=dataset, eval_only=True)
+    final = Path(logdir) / EVAL_ONLY_DIR
+    tmp = rundir.write_run_files(Path(logdir) / f".tmp-{EVAL_ONLY_DIR}-{socket.gethostname()}-{os.getpid()}",
+                                 **contents)
+    rundir.replace_dir(tmp, final)
+    _log_test_metrics(log, "eval_only", contents["metrics"])
+    log(f"wrote {final}")
+    return contents["metrics"]
+
+
+def _log_test_metrics(log, name, metrics):
+    test, train_in = metrics["test"], metrics["train_in"]
+    log(f"{name}: test accuracy {_fmt(test['accuracy'])} · test macro AUROC {_fmt(test['macro_auroc'])} · "
+        f"train accuracy {_fmt(train_in['accuracy'])} · {metrics['timings']['train_seconds']:.1f} s training")
+
+
+def _fmt(value):
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def main_from_flags(dataset: str, argv) -> int:
+    """absl main of a dataset script: flags → run_campaign / run_eval_only."""
+    from absl import flags
+
+    from src.campaign import flags as campaign_flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise MedleakError(f"unexpected argument(s) {argv[1:]}; all settings are --flags (see --help)")
+    # before JAX touches the device: several workers per GPU each take their share of its memory
+    from src.train_utils.device import configure_device_memory
+
+    configure_device_memory(FLAGS.workers_per_device)
+    kwargs = dict(
+        data_root=FLAGS.data_root,
+        logdir=FLAGS.logdir,
+        train_config=campaign_flags.train_config_from_flags(FLAGS),
+        campaign_config=campaign_flags.campaign_config_from_flags(FLAGS),
+        options=campaign_flags.loader_options_from_flags(dataset, FLAGS),
+        cache_dir=FLAGS.cache_dir,
+        cache_workers=FLAGS.cache_workers,
+    )
+    if FLAGS.eval_only:
+        run_eval_only(dataset, **kwargs)
+    else:
+        run_campaign(dataset, **kwargs)
+    return 0
+
+
+def run_script(dataset: str) -> None:
+    """What each dataset script calls: define its flags and run one worker."""
+    from absl import app
+
+    from src.campaign import flags as campaign_flags
+    from src.cli import main_guard
+
+    campaign_flags.define_flags(dataset)
+    app.run(main_guard(functools.partial(main_from_flags, dataset)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m src.campaign.main <dataset> --flags…")
+    run_script(sys.argv.pop(1))

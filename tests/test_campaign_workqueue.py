@@ -1,0 +1,330 @@
+"""The file-lock work queue with real worker processes: exactly-once runs, leases, crashes, retries.
+
+Workers are separate Python processes (subprocess) running `worker_main` below: the real plan +
+queue + run-directory code around a small real model (softmax regression in numpy, trained by
+gradient descent on the run's IN records) so the tests stay fast without JAX.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.campaign import plan, rundir
+from src.campaign.workqueue import Progress, WorkQueue
+from src.config import TrainConfig
+from src.data_utils.records import RecordsTable
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+N_PATIENTS = 12
+
+
+# -- the worker process ----------------------------------------------------------------------
+
+def toy_tables(n_patients=N_PATIENTS, images_per_patient=2):
+    rows = []
+    for p in range(n_patients + 4):
+        for i in range(images_per_patient):
+            label = (p + i) % 2
+            rows.append(dict(record_id=f"r{p}_{i}", patient_id=f"p{p}", path=f"img/{p}_{i}.png",
+                             split="train" if p < n_patients else "test", a=float(label == 0),
+                             b=float(label == 1), sex="F" if p % 3 else "M"))
+    table = RecordsTable("toy", pd.DataFrame(rows), ("a", "b"), "multiclass", ("sex",))
+    return table.split("train"), table.split("test")
+
+
+def toy_features(table):
+    rng = np.random.default_rng(0)
+    labels = table.labels()
+    return rng.normal(size=(table.n_records, 4)) + labels @ np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]), labels
+
+
+def train_softmax_regression(features, labels, steps=50, lr=0.5):
+    weights = np.zeros((features.shape[1], labels.shape[1]))
+    for _ in range(steps):
+        logits = features @ weights
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        weights -= lr * features.T @ (probs - labels) / len(features)
+    return weights
+
+
+def emit(events_path, **event):
+    with open(events_path, "a") as f:
+        f.write(json.dumps(dict(event, pid=os.getpid())) + "\n")
+
+
+def read_events(events_path):
+    path = Path(events_path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def worker_main(cfg):
+    from src.campaign.main import prepare_campaign
+    from src.campaign.workqueue import work_loop
+    from src.cli import main_guard
+
+    @main_guard
+    def run():
+        emit(cfg["events"], kind="ready")
+        while not Path(cfg["go"]).exists():
+            time.sleep(0.01)
+        train, test = toy_tables()
+        queue = WorkQueue(cfg["logdir"], lease_seconds=cfg["lease"], max_attempts=cfg["max_attempts"])
+        document = plan.plan_document("toy", train, test, TrainConfig(model="softmax_regression", epochs=cfg["epochs"]),
+                                      n_runs=cfg["n_runs"], subset_ratio=0.5, seed=0)
+        _, patient_mask, created = prepare_campaign(queue, document, train, test)
+        emit(cfg["events"], kind="plan", created=created, mask=patient_mask.astype(int).tolist())
+        if cfg.get("plan_only"):
+            return
+        features, labels = toy_features(train)
+        test_features, test_labels = toy_features(test)
+        _, patient_index = plan.patient_index(train.df["patient_id"])
+
+        def do_run(run_index):
+            emit(cfg["events"], kind="start", run=run_index)
+            starts = sum(e["kind"] == "start" and e["run"] == run_index for e in read_events(cfg["events"]))
+            if run_index in cfg.get("fail_always", []) or (run_index in cfg.get("fail_once", []) and starts == 1):
+                raise RuntimeError(f"injected failure in run {run_index}")
+            mask = plan.record_mask(patient_mask[run_index], patient_index)
+            weights = train_softmax_regression(features[mask], labels[mask])
+            views = np.stack([features @ weights, (features + 0.1) @ weights], axis=1)
+            time.sleep(cfg["run_seconds"])
+            emit(cfg["events"], kind="finish", run=run_index)
+            return rundir.write_run_tmp(cfg["logdir"], run_index, train_logits=views, train_labels=labels,
+                                        record_mask=mask, test_logits=test_features @ weights,
+                                        test_labels=test_labels, metrics={"run": run_index})
+
+        work_loop(queue, do_run, log=lambda m: print(m, flush=True))
+
+    run()
+
+
+# -- helpers for the tests -------------------------------------------------------------------
+
+def start_worker(tmp_path, **overrides):
+    cfg = dict(logdir=str(tmp_path / "logdir"), events=str(tmp_path / "events.jsonl"), go=str(tmp_path / "go"),
+               n_runs=9, lease=10.0, max_attempts=3, run_seconds=0.0, epochs=1)
+    cfg.update(overrides)
+    code = ("import json, sys; sys.path.insert(0, %r); import test_campaign_workqueue as t; "
+            "t.worker_main(json.loads(sys.argv[1]))" % str(TESTS_DIR))
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.02)
+
+
+def finish(proc, timeout=90):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def events_of(tmp_path, kind):
+    return [e for e in read_events(tmp_path / "events.jsonl") if e["kind"] == kind]
+
+
+def queue_state(tmp_path):
+    return json.loads((tmp_path / "logdir" / "queue" / "queue.json").read_text())
+
+
+def assert_no_partial_runs(logdir, n_runs):
+    assert rundir.list_complete_runs(logdir) == list(range(n_runs))
+    names = sorted(p.name for p in (Path(logdir) / "runs").iterdir())
+    assert names == [rundir.run_dir_name(i) for i in range(n_runs)]  # no temporary directory left
+    for i in range(n_runs):
+        assert sorted(p.name for p in rundir.run_dir(logdir, i).iterdir()) == sorted(rundir.RUN_FILES)
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+def test_three_workers_finish_nine_runs_exactly_once_and_a_rerun_does_nothing(tmp_path):
+    workers = [start_worker(tmp_path, run_seconds=0.4) for _ in range(3)]
+    wait_for(lambda: len(events_of(tmp_path, "ready")) == 3)
+    (tmp_path / "go").touch()
+    results = [finish(w) for w in workers]
+    assert [rc for rc, _, _ in results] == [0, 0, 0], [err for _, _, err in results]
+
+    plans = events_of(tmp_path, "plan")
+    assert sum(e["created"] for e in plans) == 1  # three workers raced; one plan
+    assert all(e["mask"] == plans[0]["mask"] for e in plans)
+    starts = [e["run"] for e in events_of(tmp_path, "start")]
+    finishes = [e["run"] for e in events_of(tmp_path, "finish")]
+    assert sorted(starts) == list(range(9)) and sorted(finishes) == list(range(9))
+    assert len({e["pid"] for e in events_of(tmp_path, "start")}) >= 2  # the work was shared
+
+    logdir = tmp_path / "logdir"
+    assert_no_partial_runs(logdir, 9)
+    patient_mask = plan.load_patient_mask(logdir)
+    _, patient_index = plan.patient_index(pd.read_csv(logdir / "records.csv")["patient_id"])
+    for i in range(9):
+        run = rundir.read_run(logdir, i)
+        np.testing.assert_array_equal(run["record_mask"], plan.record_mask(patient_mask[i], patient_index))
+        assert run["train_logits"].shape == (2 * N_PATIENTS, 2, 2) and run["train_logits"].dtype == np.float32
+        assert run["metrics"]["run"] == i
+    state = queue_state(tmp_path)
+    assert [r["status"] for r in state["runs"]] == ["done"] * 9
+    assert [r["attempts"] for r in state["runs"]] == [1] * 9
+    assert any("run 9/9 done · 0 in progress · 0 failed" in out for _, out, _ in results)
+
+    mtimes = [rundir.run_dir(logdir, i).stat().st_mtime_ns for i in range(9)]
+    rc, out, err = finish(start_worker(tmp_path))
+    assert rc == 0, err
+    assert len(events_of(tmp_path, "start")) == 9  # nothing was redone
+    assert "nothing left to claim · run 9/9 done · 0 in progress · 0 failed" in out
+    assert [rundir.run_dir(logdir, i).stat().st_mtime_ns for i in range(9)] == mtimes
+
+
+def test_a_killed_workers_run_is_reclaimed_after_its_lease_expires(tmp_path):
+    (tmp_path / "go").touch()
+    settings = dict(n_runs=3, lease=2.0, run_seconds=1.5)
+    victim = start_worker(tmp_path, **settings)
+    wait_for(lambda: len(events_of(tmp_path, "start")) == 1)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+
+    rc, out, err = finish(start_worker(tmp_path, **settings))
+    assert rc == 0, err
+    starts = [e for e in events_of(tmp_path, "start")]
+    assert [e["run"] for e in starts].count(0) == 2  # the killed run, taken again
+    assert sorted(e["run"] for e in starts[1:]) == [0, 1, 2]
+    assert sorted(e["run"] for e in events_of(tmp_path, "finish")) == [0, 1, 2]  # once each
+    assert_no_partial_runs(tmp_path / "logdir", 3)
+    run0 = queue_state(tmp_path)["runs"][0]
+    assert run0["status"] == "done" and run0["attempts"] == 2
+    assert "lease expired" in run0["errors"][0]["error"]
+    assert "run_0000: started (attempt 2/3)" in out
+
+
+def test_heartbeat_keeps_runs_longer_than_the_lease(tmp_path):
+    settings = dict(n_runs=2, lease=1.0, run_seconds=3.0)
+    workers = [start_worker(tmp_path, **settings) for _ in range(2)]
+    wait_for(lambda: len(events_of(tmp_path, "ready")) == 2)
+    (tmp_path / "go").touch()
+    assert [finish(w)[0] for w in workers] == [0, 0]
+    # without renewals the first worker to finish would re-take the other's run (expired after 1 s)
+    assert sorted(e["run"] for e in events_of(tmp_path, "start")) == [0, 1]
+    state = queue_state(tmp_path)
+    assert [(r["status"], r["attempts"], r["errors"]) for r in state["runs"]] == [("done", 1, [])] * 2
+
+
+def test_failures_are_recorded_retried_and_reported(tmp_path):
+    (tmp_path / "go").touch()
+    rc, out, err = finish(start_worker(tmp_path, n_runs=3, max_attempts=2, fail_always=[1], fail_once=[2]))
+    assert rc == 0, err
+    assert rundir.list_complete_runs(tmp_path / "logdir") == [0, 2]
+    runs = queue_state(tmp_path)["runs"]
+    assert (runs[1]["status"], runs[1]["attempts"]) == ("failed", 2)
+    assert [e["error"] for e in runs[1]["errors"]] == ["RuntimeError: injected failure in run 1"] * 2
+    assert (runs[2]["status"], runs[2]["attempts"], len(runs[2]["errors"])) == ("done", 2, 1)
+    assert "run 2/3 done · 0 in progress · 1 failed" in out
+    assert "run_0001: failed, attempts used up; last error: RuntimeError: injected failure in run 1" in out
+
+    # a later worker allowing more attempts retries the failed run (and only it)
+    rc, out, err = finish(start_worker(tmp_path, n_runs=3, max_attempts=3, fail_always=[1]))
+    assert rc == 0, err
+    assert [e["run"] for e in events_of(tmp_path, "start")].count(1) == 3
+    assert [e["run"] for e in events_of(tmp_path, "start")].count(0) == 1
+    assert queue_state(tmp_path)["runs"][1]["attempts"] == 3
+
+
+def test_a_worker_with_a_different_config_is_refused(tmp_path):
+    (tmp_path / "go").touch()
+    assert finish(start_worker(tmp_path, n_runs=1))[0] == 0
+    rc, out, err = finish(start_worker(tmp_path, n_runs=1, epochs=2))
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "train_config.epochs (logdir: 1, now: 2)" in err
+    rc, out, err = finish(start_worker(tmp_path, n_runs=2))
+    assert rc == 2 and "campaign.n_runs (logdir: 1, now: 2)" in err
+    assert len(events_of(tmp_path, "start")) == 1
+
+
+def test_workers_racing_to_create_the_plan_produce_one_plan(tmp_path):
+    workers = [start_worker(tmp_path, plan_only=True) for _ in range(4)]
+    wait_for(lambda: len(events_of(tmp_path, "ready")) == 4)
+    (tmp_path / "go").touch()
+    assert [finish(w)[0] for w in workers] == [0] * 4
+    plans = events_of(tmp_path, "plan")
+    creators = [e["pid"] for e in plans if e["created"]]
+    assert len(creators) == 1
+    assert all(e["mask"] == plans[0]["mask"] for e in plans)
+    stored = plan.read_plan(tmp_path / "logdir")
+    assert stored["created_by"].endswith(f":{creators[0]}")
+    np.testing.assert_array_equal(plan.load_patient_mask(tmp_path / "logdir"), np.array(plans[0]["mask"], bool))
+
+
+# -- in-process checks of the queue's rules ----------------------------------------------------
+
+def test_expired_claims_are_retaken_and_the_old_owner_loses_the_lease(tmp_path):
+    first = WorkQueue(tmp_path, lease_seconds=0.3, max_attempts=2)
+    second = WorkQueue(tmp_path, lease_seconds=0.3, max_attempts=2)
+    first.initialize(2)
+    claim_a = first.claim()
+    claim_b = second.claim()
+    assert (claim_a.run_index, claim_b.run_index) == (0, 1)
+    assert second.progress() == Progress(total=2, done=0, in_progress=2, failed=0, pending=0)
+    assert first.renew(claim_a)
+    time.sleep(0.4)  # run 0's lease runs out; run 1's too
+    retaken = second.claim()
+    assert (retaken.run_index, retaken.attempt) == (0, 2)
+    assert not first.renew(claim_a)
+    assert second.renew(retaken)
+    # run 1 has now used its 2 attempts only once; still claimable once more
+    assert second.claim().run_index == 1
+    time.sleep(0.4)
+    assert second.claim() is None  # both expired with 2 attempts used: failed, nothing left
+    assert second.progress().failed == 2
+
+
+def test_a_run_finished_elsewhere_is_never_replaced(tmp_path):
+    queue = WorkQueue(tmp_path, lease_seconds=5, max_attempts=3)
+    queue.initialize(1)
+    claim = queue.claim()
+    arrays = dict(train_logits=np.zeros((3, 2, 2)), train_labels=np.zeros((3, 2)), record_mask=np.ones(3, bool),
+                  test_logits=np.zeros((1, 2)), test_labels=np.zeros((1, 2)))
+    first = rundir.write_run_files(tmp_path / "a", metrics={"who": "first"}, **arrays)
+    second = rundir.write_run_files(tmp_path / "b", metrics={"who": "second"}, **arrays)
+    assert queue.complete(claim, first)
+    assert not queue.complete(claim, second)
+    assert rundir.read_run(tmp_path, 0)["metrics"] == {"who": "first"}
+    assert not second.exists()
+    assert queue.claim() is None
+
+
+def test_stale_temporary_directories_of_dead_local_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    runs = tmp_path / "runs"
+    stale = runs / f".tmp-3-{os.uname().nodename}-{dead.pid}"
+    mine = rundir.tmp_run_dir(tmp_path, 4)
+    other_host = runs / f".tmp-5-some-other-host-{dead.pid}"
+    for d in (stale, mine, other_host):
+        d.mkdir(parents=True)
+    assert rundir.remove_stale_tmp_dirs(tmp_path) == [stale]
+    assert mine.exists() and other_host.exists() and not stale.exists()
+
+
+def test_bad_queue_settings_are_refused(tmp_path):
+    from src.errors import MedleakError
+
+    with pytest.raises(MedleakError, match="--lease_seconds"):
+        WorkQueue(tmp_path, lease_seconds=0)
+    with pytest.raises(MedleakError, match="--max_attempts"):
+        WorkQueue(tmp_path, max_attempts=0)
