@@ -1,0 +1,210 @@
+"""LiRA (Carlini et al., 2022): likelihood-ratio attack with per-record Gaussians fitted on shadows.
+
+For every record and view, the shadow models that trained on it (IN) and those that did not (OUT)
+give two samples of its score. LiRA fits a Gaussian to each — centre = **median**, spread =
+population standard deviation — and scores a target model's observation s by
+
+    online:  mean over views of  log N(s; μ_in, σ_in) − log N(s; μ_out, σ_out)
+    offline: mean over views of  log Φ((s − μ_out) / σ_out)      (one-sided: "s is high for an OUT")
+
+Fixed-variance variants replace the per-record σ by one pooled σ (√ of the mean per-record variance
+over records and views), which is more stable with few shadows.
+
+Shadows are the same for every target, so the per-record statistics are computed once
+(`shadow_stats`) and reused for all targets and all variants. The medians are exact: per chunk of
+records the scores are transposed to (records, views, models) and sorted **once** on a uint64 key
+whose high word is the IN bit and low word an order-preserving image of the float32 bits, so each
+row comes out as OUT values ascending followed by IN values ascending; medians, moments and trimmed
+means are then gathers and small matmuls on the sorted rows.
+
+Records with no IN (or no OUT) shadow — common with few shadows — borrow the other Gaussian shifted
+by the median IN−OUT gap over records, with the pooled σ; records with a single IN (OUT) shadow use
+the pooled σ. `shadow_stats` reports how many records needed that.
+"""
+
+import warnings
+
+import numpy as np
+from scipy import special
+
+from src.errors import MedleakError
+from src.privacy_utils.risk import DEFAULT_CHUNK, check_scores_masks, chunk_moments, map_chunks
+
+_SIGN = np.uint32(0x80000000)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def _sortable_bits(values_f32):
+    """Maps float32 → uint32 so unsigned order equals float order (NaN-free input)."""
+    bits = values_f32.view(np.uint32)
+    # negative: flip all bits; positive: flip the sign bit.
+    return bits ^ ((bits >> np.uint32(31)) * np.uint32(0x7FFFFFFF) | _SIGN)
+
+
+def _float_from_sortable(u32):
+    flip = ((u32 >> np.uint32(31)) ^ np.uint32(1)) * np.uint32(0x7FFFFFFF) | _SIGN
+    return (u32 ^ flip).view(np.float32)
+
+
+def sorted_keys(chunk_scores, chunk_masks):
+    """(M, R, V) scores + (M, R) IN masks → (R, V, M) uint64 sort keys, each row sorted.
+
+    Key = IN bit << 32 | order-preserving float32 bits, so every row is OUT values ascending, then
+    IN values ascending. The keys are built in the source layout and transposed once (8-byte
+    elements) straight into the buffer that is sorted.
+    """
+    n_models, n_records, n_views = chunk_scores.shape
+    bits = _sortable_bits(np.ascontiguousarray(chunk_scores, dtype=np.float32)).astype(np.uint64)
+    bits |= (chunk_masks.astype(np.uint64) << np.uint64(32))[:, :, None]
+    keys = np.empty((n_records, n_views, n_models), dtype=np.uint64)
+    keys[...] = bits.transpose(1, 2, 0)
+    keys.sort(axis=-1)
+    return keys
+
+
+def decode_keys(keys):
+    """Float32 values of sort keys (drops the IN bit)."""
+    return _float_from_sortable((keys & _LOW32).astype(np.uint32))
+
+
+def _medians(keys, start, count):
+    """Median of each row's block [start, start + count) (mean of the two middle values); NaN if empty."""
+    lo = start + np.maximum(count - 1, 0) // 2
+    hi = start + count // 2
+    idx = np.stack([lo, hi], axis=-1).clip(0, keys.shape[-1] - 1)[:, None, :]
+    pair = decode_keys(np.take_along_axis(keys, np.broadcast_to(idx, keys.shape[:2] + (2,)), axis=-1))
+    med = pair.astype(np.float64).mean(axis=-1)
+    return np.where(count[:, None] > 0, med, np.nan)
+
+
+def _trimmed_means(keys, n_out, trim):
+    """Means of each row's OUT and IN blocks after dropping floor(trim·n) values at both ends."""
+    n_models = keys.shape[-1]
+    position = np.arange(n_models)[None, :]
+    n_out = n_out[:, None]
+    n_in = n_models - n_out
+    cut_out = np.floor(trim * n_out).astype(np.int64)
+    cut_in = np.floor(trim * n_in).astype(np.int64)
+    keep_out = (position >= cut_out) & (position < n_out - cut_out)
+    keep_in = (position >= n_out + cut_in) & (position < n_models - cut_in)
+    weights = np.stack([keep_out, keep_in], axis=-1).astype(np.float64)  # (R, M, 2)
+    kept = weights.sum(axis=1)[:, None, :]
+    values = decode_keys(keys).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (values @ weights) / kept  # (R, V, 2): OUT, IN
+
+
+def shadow_stats(shadow_scores, shadow_masks, *, trim=None, chunk=DEFAULT_CHUNK, threads=None):
+    """Per-record/view IN and OUT statistics over shadow models, computed once for all targets.
+
+    Returns a dict of (n_records, n_views) float64 arrays `median_in, median_out, mean_in,
+    mean_out, sd_in, sd_out` (population sd; NaN where a record has no IN/OUT shadow), `n_in,
+    n_out` (n_records,), and with `trim` (a fraction in [0, 0.5)) also `trimmed_in, trimmed_out`:
+    means after dropping floor(trim·n) values at each end.
+    """
+    shadow_scores, shadow_masks = check_scores_masks(shadow_scores, shadow_masks, "shadow_scores")
+    n_models, n_records, n_views = shadow_scores.shape
+    if n_models < 1:
+        raise MedleakError("need at least one shadow model")
+    if trim is not None and not 0.0 <= trim < 0.5:
+        raise MedleakError(f"trim must lie in [0, 0.5), got {trim}")
+    n_in = shadow_masks.sum(axis=0)
+    n_out = n_models - n_in
+    names = ["median_in", "median_out", "mean_in", "mean_out", "sd_in", "sd_out"]
+    if trim is not None:
+        names += ["trimmed_in", "trimmed_out"]
+    out = {k: np.empty((n_records, n_views)) for k in names}
+
+    def work(a, b):
+        chunk_scores, chunk_masks = shadow_scores[:, a:b], shadow_masks[:, a:b]
+        mean, sd = chunk_moments(chunk_scores, chunk_masks)
+        out["mean_in"][a:b], out["mean_out"][a:b] = mean[:, 0], mean[:, 1]
+        out["sd_in"][a:b], out["sd_out"][a:b] = sd[:, 0], sd[:, 1]
+        keys = sorted_keys(chunk_scores, chunk_masks)
+        c_out, c_in = n_out[a:b], n_in[a:b]
+        out["median_out"][a:b] = _medians(keys, np.zeros_like(c_out), c_out)
+        out["median_in"][a:b] = _medians(keys, c_out, c_in)
+        if trim is not None:
+            trimmed = _trimmed_means(keys, c_out, trim)
+            out["trimmed_out"][a:b], out["trimmed_in"][a:b] = trimmed[..., 0], trimmed[..., 1]
+
+    map_chunks(work, n_records, chunk, threads)
+    out["n_in"], out["n_out"] = n_in, n_out
+    return out
+
+
+def gaussian_params(stats, *, offline=False, fix_variance=False):
+    """(μ_in, σ_in, μ_out, σ_out) per record/view with the fallbacks described in the module doc."""
+    n_in, n_out = stats["n_in"], stats["n_out"]
+    mu_in, mu_out = stats["median_in"].copy(), stats["median_out"].copy()
+    sd_in, sd_out = stats["sd_in"].copy(), stats["sd_out"].copy()
+    pooled_in = _pooled_sd(sd_in, n_in)
+    pooled_out = _pooled_sd(sd_out, n_out)
+    if fix_variance:
+        sd_in[:] = pooled_in
+        sd_out[:] = pooled_out
+    else:
+        sd_in[n_in < 2] = pooled_in
+        sd_out[n_out < 2] = pooled_out
+        # A zero spread (all shadows agree exactly) would make the likelihood infinite.
+        sd_in = np.where(sd_in > 0, sd_in, pooled_in)
+        sd_out = np.where(sd_out > 0, sd_out, pooled_out)
+    both = (n_in > 0) & (n_out > 0)
+    gap = np.nanmedian(mu_in[both] - mu_out[both], axis=0) if both.any() else np.zeros(mu_in.shape[1])
+    mu_in[n_in == 0] = mu_out[n_in == 0] + gap
+    mu_out[n_out == 0] = mu_in[n_out == 0] - gap
+    if not offline and (~both).any():
+        warnings.warn(
+            f"{int((~both).sum())} record(s) have no IN or no OUT shadow model; their missing Gaussian "
+            "is the other one shifted by the median IN−OUT gap (use more shadow models to avoid this)",
+            stacklevel=3,
+        )
+    if offline and (n_out == 0).any():
+        warnings.warn(f"{int((n_out == 0).sum())} record(s) have no OUT shadow model; offline LiRA uses a shifted IN Gaussian", stacklevel=3)
+    return mu_in, sd_in, mu_out, sd_out
+
+
+def _pooled_sd(sd, counts):
+    """√(mean per-record variance) over records with ≥ 2 shadows (1.0 if there are none)."""
+    usable = counts >= 2
+    if not usable.any():
+        return 1.0
+    pooled = float(np.sqrt(np.mean(np.square(sd[usable]))))
+    return pooled if pooled > 0 else 1.0
+
+
+def lira_from_stats(stats, target_scores, *, offline=False, fix_variance=False):
+    """LiRA scores (n_targets, n_records) for target observations (n_targets, n_records, n_views)."""
+    target_scores = np.asarray(target_scores)
+    single = target_scores.ndim == 2
+    if single:
+        target_scores = target_scores[None]
+    n_records, n_views = stats["median_in"].shape
+    if target_scores.shape[1:] != (n_records, n_views):
+        raise MedleakError(f"target_scores {target_scores.shape} must be (n_targets, {n_records}, {n_views}) like the shadow scores")
+    mu_in, sd_in, mu_out, sd_out = gaussian_params(stats, offline=offline, fix_variance=fix_variance)
+    result = np.empty(target_scores.shape[:2])
+    for t, observed in enumerate(target_scores):
+        observed = observed.astype(np.float64)
+        z_out = (observed - mu_out) / sd_out
+        if offline:
+            result[t] = special.log_ndtr(z_out).mean(axis=1)
+        else:
+            z_in = (observed - mu_in) / sd_in
+            log_ratio = 0.5 * (z_out * z_out - z_in * z_in) + np.log(sd_out / sd_in)
+            result[t] = log_ratio.mean(axis=1)
+    return result[0] if single else result
+
+
+def lira(shadow_scores, shadow_masks, target_scores, *, offline=False, fix_variance=False, stats=None):
+    """LiRA membership scores of target models' records (higher = more likely a member).
+
+    shadow_scores: (n_shadows, n_records, n_views) LiRA scores (`lira_scores`) of shadow models;
+    shadow_masks: (n_shadows, n_records) bool, True where the shadow trained on the record;
+    target_scores: (n_targets, n_records, n_views) or (n_records, n_views).
+    Returns (n_targets, n_records) (or (n_records,)) float64. Pass `stats=shadow_stats(...)` to
+    reuse the shadow statistics across calls.
+    """
+    if stats is None:
+        stats = shadow_stats(shadow_scores, shadow_masks)
+    return lira_from_stats(stats, target_scores, offline=offline, fix_variance=fix_variance)
