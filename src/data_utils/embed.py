@@ -42,14 +42,20 @@ OPTIONS = {
 }
 
 
-def png_relpath(dicom_path, dicom_prefix, png_dir) -> str:
-    """Where the PNG of one `anon_dicom_path` lives, relative to --data_root (shared with embed_prepare)."""
+def dicom_relpath(dicom_path, dicom_prefix) -> str:
+    """`anon_dicom_path` with `--dicom_prefix` removed: the DICOM's path inside the downloaded tree."""
     path = str(dicom_path).strip()
     if dicom_prefix and path.startswith(dicom_prefix):
-        path = path[len(dicom_prefix):]
-    elif path.startswith("/"):
+        return path[len(dicom_prefix):]
+    if path.startswith("/"):
         raise MedleakError(f"anon_dicom_path {path!r} does not start with --dicom_prefix={dicom_prefix!r}; "
                            "set --dicom_prefix to the part to strip")
+    return path
+
+
+def png_relpath(dicom_path, dicom_prefix, png_dir) -> str:
+    """Where the PNG of one `anon_dicom_path` lives, relative to --data_root (shared with embed_prepare)."""
+    path = dicom_relpath(dicom_path, dicom_prefix)
     if path.lower().endswith(".dcm"):
         path = path[:-4]
     png_dir = str(png_dir or "").strip().strip("/")
