@@ -3,6 +3,7 @@
 import collections
 import http.server
 import io
+import socket
 import subprocess
 import sys
 import threading
@@ -61,7 +62,7 @@ class _Server:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def close(self):
@@ -129,9 +130,12 @@ def test_download_retries_verifies_records_and_resumes(tmp_path, server, capsys)
 
 
 def test_retries_give_up_with_the_last_error(tmp_path):
-    # A port nobody listens on: connection refused every time.
-    outcome = fitzpatrick_download.fetch_one("abc", "http://127.0.0.1:9/x.jpg", tmp_path, retries=1, timeout=2,
-                                             backoff=0.0)
+    # A port nobody listens on (bound, then released): connection refused every time.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outcome = fitzpatrick_download.fetch_one("abc", f"http://127.0.0.1:{port}/x.jpg", tmp_path, retries=1,
+                                             timeout=2, backoff=0.0)
     assert not outcome.success and "after 2 attempts" in outcome.error
     assert not (tmp_path / "abc.jpg").exists()
     assert "unsafe image id" in fitzpatrick_download.fetch_one("../x", "http://h/x", tmp_path).error

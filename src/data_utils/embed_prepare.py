@@ -104,8 +104,9 @@ def prepare(data_root, dicom_root, *, metadata_csv=embed.OPTIONS["metadata_csv"]
             counts[status] += 1
             if failure:
                 failures.append(failure)
+    first_failure = f" (first: {failures[0]})" if failures else ""
     print(f"embed prepare: {counts['converted']} converted, {counts['present']} already present, "
-          f"{counts['failed']} failed" + (f" (first: {failures[0]})" if failures else "") + f"; PNGs under {data_root / png_dir}")
+          f"{counts['failed']} failed{first_failure}; PNGs under {data_root / png_dir}")
     return dict(counts, failures=failures)
 
 

@@ -49,7 +49,8 @@ def download_all(csv_path, data_root, out_csv=None, *, num_workers=16, retries=4
     csv_path, data_root = Path(csv_path), Path(data_root)
     out_csv = Path(out_csv) if out_csv else data_root / DOWNLOADED_CSV
     if out_csv.resolve() == csv_path.resolve():
-        raise MedleakError(f"--out_csv={out_csv} is the input --csv; choose another file (the input is never overwritten)")
+        raise MedleakError(f"--out_csv={out_csv} is the input --csv; choose another file "
+                           "(the input is never overwritten)")
     df = records.read_csv(csv_path, "--csv")
     records.require_columns(df, [id_column, url_column], csv_path)
     data_root.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,8 @@ def download_all(csv_path, data_root, out_csv=None, *, num_workers=16, retries=4
     out["download_success"] = [outcomes[i].success for i in ids]
     out["download_error"] = [outcomes[i].error for i in ids]
     io_utils.write_csv(out_csv, out)
-    counts = {status: sum(o.status == status for o in outcomes.values()) for status in ("downloaded", "present", "failed")}
+    statuses = [o.status for o in outcomes.values()]
+    counts = {status: statuses.count(status) for status in ("downloaded", "present", "failed")}
     summary = dict(counts, total=len(outcomes), out_csv=str(out_csv))
     print(f"fitzpatrick download: {counts['downloaded'] + counts['present']} of {len(outcomes)} images ready "
           f"({counts['downloaded']} downloaded, {counts['present']} already present), {counts['failed']} failed; "
