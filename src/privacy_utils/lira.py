@@ -94,13 +94,14 @@ def _trimmed_means(keys, n_out, trim):
         return (values @ weights) / kept  # (R, V, 2): OUT, IN
 
 
-def shadow_stats(shadow_scores, shadow_masks, *, trim=None, chunk=DEFAULT_CHUNK, threads=None):
+def shadow_stats(shadow_scores, shadow_masks, *, trim=None, transform=None, chunk=DEFAULT_CHUNK, threads=None):
     """Per-record/view IN and OUT statistics over shadow models, computed once for all targets.
 
     Returns a dict of (n_records, n_views) float64 arrays `median_in, median_out, mean_in,
     mean_out, sd_in, sd_out` (population sd; NaN where a record has no IN/OUT shadow), `n_in,
     n_out` (n_records,), and with `trim` (a fraction in [0, 0.5)) also `trimmed_in, trimmed_out`:
-    means after dropping floor(trim·n) values at each end.
+    means after dropping floor(trim·n) values at each end. `transform` (e.g. `rmia_from_lira`) is
+    applied to each chunk first, so statistics of derived scores need no second full-size array.
     """
     shadow_scores, shadow_masks = check_scores_masks(shadow_scores, shadow_masks, "shadow_scores")
     n_models, n_records, n_views = shadow_scores.shape
@@ -117,6 +118,8 @@ def shadow_stats(shadow_scores, shadow_masks, *, trim=None, chunk=DEFAULT_CHUNK,
 
     def work(a, b):
         chunk_scores, chunk_masks = shadow_scores[:, a:b], shadow_masks[:, a:b]
+        if transform is not None:
+            chunk_scores = transform(chunk_scores)
         mean, sd = chunk_moments(chunk_scores, chunk_masks)
         out["mean_in"][a:b], out["mean_out"][a:b] = mean[:, 0], mean[:, 1]
         out["sd_in"][a:b], out["sd_out"][a:b] = sd[:, 0], sd[:, 1]

@@ -77,19 +77,22 @@ def rmia_from_reference(reference, target_scores, *, gamma=DEFAULT_GAMMA, popula
     return result[0] if single else result
 
 
-def tune_offline_a(shadow_scores, shadow_masks, *, trim=DEFAULT_TRIM, gamma=DEFAULT_GAMMA, population=None, pretend_target=0, grid=A_GRID):
-    """Picks offline `a` maximising AUC on one shadow model used as a pretend target.
+def tune_offline_a(shadow_scores, shadow_masks, *, trim=DEFAULT_TRIM, gamma=DEFAULT_GAMMA, population=None, grid=A_GRID,
+                   transform=None):
+    """Picks offline `a` maximising AUC on shadow model 0 used as a pretend target.
 
-    The pretend target's own scores and mask are held out; the other shadows are its references.
+    The pretend target's own scores and mask are held out; the other shadows are its references
+    (a view, not a copy, of the shadow array).
+    `transform` maps stored scores to probabilities chunk-wise (see `shadow_stats`).
     Returns (a, {a: auc}).
     """
     shadow_scores = np.asarray(shadow_scores) if not isinstance(shadow_scores, np.ndarray) else shadow_scores
     if shadow_scores.shape[0] < 2:
         raise MedleakError("tuning RMIA offline `a` needs at least 2 shadow models (one is used as a pretend target)")
-    keep = np.arange(shadow_scores.shape[0]) != pretend_target
-    references = shadow_stats(shadow_scores[keep], np.asarray(shadow_masks)[keep], trim=trim)
-    observed = shadow_scores[pretend_target]
-    members = np.asarray(shadow_masks)[pretend_target]
+    shadow_masks = np.asarray(shadow_masks)
+    references = shadow_stats(shadow_scores[1:], shadow_masks[1:], trim=trim, transform=transform)
+    observed = shadow_scores[0] if transform is None else transform(shadow_scores[0])
+    members = shadow_masks[0]
     aucs = {}
     for a in grid:
         scores = rmia_from_reference(reference_probability(references, offline=True, a=float(a)), observed, gamma=gamma, population=population)

@@ -1,0 +1,222 @@
+"""mem_inf_stats.py on synthetic campaign logdirs written in the run-directory format
+(docs/ARCHITECTURE.md), with planted vulnerable patients whose IN logits are shifted up."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from src.errors import MedleakError
+from src.privacy_utils.audit import AuditOptions, run_audit
+from src.privacy_utils.load import load_campaign
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["benign", "malignant", "other"]
+PLANTED = ["p000", "p001", "p002", "p003"]
+
+
+def write_campaign(logdir, *, n_runs=16, n_patients=50, n_views=2, task="multiclass", seed=0, data_root=None):
+    """A campaign logdir with known answers: the PLANTED patients memorise strongly, others barely."""
+    rng = np.random.default_rng(seed)
+    logdir = Path(logdir)
+    (logdir / "runs").mkdir(parents=True)
+    patients = [f"p{i:03d}" for i in range(n_patients)]
+    rows = []
+    for i, patient in enumerate(patients):
+        for k in range(1 + i % 3):
+            label = np.zeros(len(LABELS))
+            if task == "multiclass":
+                label[rng.integers(len(LABELS))] = 1
+            else:
+                label[rng.random(len(LABELS)) < 0.4] = 1
+            rows.append(dict(record_id=f"{patient}_r{k}", patient_id=patient, path=f"images/{patient}_{k}.png",
+                             **dict(zip(LABELS, label)), sex="F" if patient in PLANTED else ("M" if i % 2 else "F"),
+                             age=["20-39", "40-59", "60-79"][i % 3]))
+    records = pd.DataFrame(rows)
+    test = pd.DataFrame([dict(record_id=f"t{j}", patient_id=f"t{j}", path=f"images/t{j}.png",
+                              **dict(zip(LABELS, np.eye(len(LABELS))[j % len(LABELS)])), sex="MF"[j % 2],
+                              age=["20-39", "40-59", "60-79"][(j // 3) % 3]) for j in range(36)])
+    records.to_csv(logdir / "records.csv", index=False)
+    test.to_csv(logdir / "test_records.csv", index=False)
+    pd.DataFrame({"patient_id": patients}).to_csv(logdir / "patients.csv", index=False)
+    order = np.argsort(rng.random((n_runs, n_patients)), axis=0)
+    patient_mask = order < n_runs // 2
+    np.save(logdir / "patient_mask.npy", patient_mask)
+    plan = {"dataset": "synthetic", "task": task, "label_names": LABELS, "subgroups": ["sex", "age"],
+            "campaign": {"n_runs": n_runs, "subset_ratio": 0.5, "seed": seed}, "extra_key": "tolerated"}
+    (logdir / "plan.json").write_text(json.dumps(plan))
+
+    patient_index = records["patient_id"].map({p: i for i, p in enumerate(patients)}).to_numpy()
+    labels = records[LABELS].to_numpy(np.float32)
+    signs = np.where(labels > 0, 1.0, -1.0)
+    base = rng.normal(0, 1, size=(len(records), 1, len(LABELS)))
+    planted = records["patient_id"].isin(PLANTED).to_numpy()
+    test_labels = test[LABELS].to_numpy(np.float32)
+    for run in range(n_runs):
+        mask = patient_mask[run][patient_index]
+        noise = rng.normal(0, 0.3, size=(len(records), n_views, len(LABELS)))
+        boost = np.where(planted, 4.0, 0.15) * mask  # planted patients: large IN effect
+        logits = base + noise + (boost[:, None, None] * signs[:, None, :])
+        test_logits = 2.0 * test_labels + rng.normal(0, 1, size=test_labels.shape)
+        path = logdir / "runs" / f"run_{run:04d}"
+        path.mkdir()
+        np.save(path / "train_logits.npy", logits.astype(np.float32))
+        np.save(path / "train_labels.npy", labels)
+        np.save(path / "record_mask.npy", mask)
+        np.save(path / "test_logits.npy", test_logits.astype(np.float32))
+        np.save(path / "test_labels.npy", test_labels)
+        (path / "metrics.json").write_text(json.dumps({"test_auroc": 0.9}))
+    (logdir / "runs" / ".tmp-99-host-1").mkdir()  # a worker's unfinished run: ignored
+    (logdir / "notes.txt").write_text("extra files are tolerated")
+    if data_root is not None:
+        for p in records["path"]:
+            (Path(data_root) / p).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(Path(data_root) / p)
+    return logdir
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    base = tmp_path_factory.mktemp("audit")
+    logdir = write_campaign(base / "logs", data_root=base / "data")
+    out_dir = base / "figs"
+    summary = run_audit(logdir, AuditOptions(out_dir=out_dir, eval_size=4, data_root=base / "data", progress=False))
+    return logdir, out_dir, summary
+
+
+def test_planted_patients_top_the_patient_ranking(audited):
+    _, out_dir, summary = audited
+    patients = pd.read_csv(out_dir / "patient_risk.csv", dtype={"patient_id": str})
+    top_decile = set(patients["patient_id"].head(int(np.ceil(0.1 * len(patients)))))
+    assert set(PLANTED) <= top_decile
+    assert patients.loc[patients["patient_id"].isin(PLANTED), "auc_max"].min() > 0.9
+    assert list(patients.columns[:4]) == ["patient_id", "auc_max", "auc_mean", "n_records"]
+    assert {"sex", "age"} <= set(patients.columns)
+    records = pd.read_csv(out_dir / "record_risk.csv", dtype={"patient_id": str})
+    assert {"record_id", "patient_id", "auc", "auc_se", "n_in", "n_out", "label", "sex", "age"} <= set(records.columns)
+    assert (records["n_in"] + records["n_out"] == 16).all() and (records["auc"] >= 0.5).all()
+    assert summary["n_runs"] == 16 and summary["patient_auc_max"]["share_above"]["0.9"] >= len(PLANTED) / 50
+
+
+def test_attacks_beat_chance_and_summary_is_complete(audited):
+    _, out_dir, summary = audited
+    on_disk = json.loads((out_dir / "attack_summary.json").read_text())
+    assert set(on_disk["attacks"]) == {"LiRA online", "LiRA online, fixed variance", "LiRA offline",
+                                       "LiRA offline, fixed variance", "RMIA online", "RMIA offline", "Loss threshold"}
+    for name, attack in on_disk["attacks"].items():
+        assert attack["n_targets"] == 4 and len(attack["auc"]["per_target"]) == 4
+        assert set(attack) >= {"auc", "tpr_at_0.1%_fpr", "tpr_at_1%_fpr"}
+    assert on_disk["attacks"]["LiRA online"]["auc"]["mean"] > 0.55
+    assert on_disk["target_runs"] == [12, 13, 14, 15] and on_disk["n_shadows"] == 12
+    assert 0.0 <= on_disk["rmia_offline_a"] <= 1.0
+    assert on_disk["composition_tests"]["sex"]["n_top"] == 1
+
+
+def test_figures_and_report_are_written(audited):
+    _, out_dir, _ = audited
+    for stem in ("roc", "esf_records", "esf_patients", "esf_by_sex", "composition_sex", "utility_privacy_sex",
+                 "esf_by_label", "composition_label", "vulnerable_images"):
+        assert (out_dir / f"{stem}.png").stat().st_size > 1000, stem
+        assert (out_dir / f"{stem}.pdf").read_bytes()[:4] == b"%PDF", stem
+    html = (out_dir / "report.html").read_text()
+    assert html.count('<img class="figure"') >= 9 and "data:image/png;base64," in html
+    assert 'src="http' not in html and "p000" in html  # self-contained; top patients listed
+    utility = pd.read_csv(out_dir / "utility_by_subgroup.csv")
+    assert (utility["auroc_mean"] > 0.8).all()  # test logits were made informative
+
+
+def test_report_opens_in_headless_chromium(audited, tmp_path):
+    _, out_dir, _ = audited
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no chromium binary found (Debian: apt-get install chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=10000"]
+    url = (out_dir / "report.html").resolve().as_uri()
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    n_figures = dom.stdout.count('class="figure"')
+    assert n_figures >= 9
+    assert f"figures loaded: {n_figures}/{n_figures}" in dom.stdout, dom.stderr[-2000:]
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", url], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (2400, 1200) and pixels.std() > 10  # not a blank page
+
+
+def test_multilabel_campaign_and_cli(tmp_path):
+    logdir = write_campaign(tmp_path / "logs", task="multilabel", n_runs=6, n_patients=20, seed=1)
+    out_dir = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "mem_inf_stats.py"), f"--logdir={logdir}", f"--out_dir={out_dir}", "--eval_size=2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"report: {out_dir / 'report.html'}" in result.stdout
+    summary = json.loads((out_dir / "attack_summary.json").read_text())
+    assert summary["task"] == "multilabel" and summary["n_runs"] == 6
+    for label in LABELS:  # multi-label: one composition / eSF figure per finding
+        assert (out_dir / f"composition_label_{label}.png").exists() and (out_dir / f"esf_by_label_{label}.png").exists()
+    assert "Patient risk by label: benign" in (out_dir / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_cli_bad_logdir_is_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "mem_inf_stats.py"), f"--logdir={tmp_path}"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "plan.json" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_empty_logdir_and_no_runs(tmp_path):
+    with pytest.raises(MedleakError, match="plan.json"):
+        load_campaign(tmp_path)
+    logdir = write_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
+    for run in (logdir / "runs").glob("run_*"):
+        shutil.rmtree(run)
+    with pytest.raises(MedleakError, match="no complete runs"):
+        load_campaign(logdir, progress=False)
+
+
+def test_one_usable_run_and_skipped_runs_are_reported(tmp_path):
+    logdir = write_campaign(tmp_path / "logs", n_runs=3, n_patients=6)
+    (logdir / "runs" / "run_0001" / "metrics.json").unlink()  # incomplete
+    logits = np.load(logdir / "runs" / "run_0002" / "train_logits.npy")
+    logits[3, 0, 1] = np.nan
+    np.save(logdir / "runs" / "run_0002" / "train_logits.npy", logits)
+    with pytest.warns(UserWarning, match=r"skipped 2 run\(s\): run_0001 \(missing metrics.json\); run_0002 \(NaN/inf logits\)"):
+        with pytest.raises(MedleakError, match="1 usable run"):
+            load_campaign(logdir, progress=False)
+
+
+def test_mismatched_labels_and_shapes(tmp_path):
+    logdir = write_campaign(tmp_path / "logs", n_runs=3, n_patients=6)
+    labels = np.load(logdir / "runs" / "run_0001" / "train_labels.npy")
+    np.save(logdir / "runs" / "run_0001" / "train_labels.npy", labels[:, ::-1].copy())
+    with pytest.raises(MedleakError, match=r"run_0001/train_labels.npy: labels differ"):
+        load_campaign(logdir, progress=False)
+    np.save(logdir / "runs" / "run_0001" / "train_labels.npy", labels)
+    logits = np.load(logdir / "runs" / "run_0000" / "train_logits.npy")
+    np.save(logdir / "runs" / "run_0000" / "train_logits.npy", logits[:, :, :2].copy())
+    with pytest.raises(MedleakError, match=r"shape .* expected"):
+        load_campaign(logdir, progress=False)
+
+
+def test_record_without_out_model_is_refused(tmp_path):
+    logdir = write_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
+    patient_mask = np.load(logdir / "patient_mask.npy")
+    patient_mask[:, 0] = True
+    np.save(logdir / "patient_mask.npy", patient_mask)
+    records = pd.read_csv(logdir / "records.csv")
+    for run in range(4):
+        np.save(logdir / "runs" / f"run_{run:04d}" / "record_mask.npy", (records["patient_id"] == "p000").to_numpy() | np.load(
+            logdir / "runs" / f"run_{run:04d}" / "record_mask.npy"))
+    with pytest.raises(MedleakError, match=r"no OUT model .*p000_r0"):
+        run_audit(logdir, AuditOptions(out_dir=tmp_path / "out", progress=False))
