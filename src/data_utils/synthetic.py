@@ -5,9 +5,10 @@
 Writes `<out_dir>/CheXpert-v1.0-small/{train,valid}.csv` + JPEGs, `<out_dir>/CHEXPERT DEMO.csv`
 (race) and `<out_dir>/planted_patients.json`; load it with `chexpert.py --data_root=<out_dir>`.
 
-Each patient has 1–6 images (studies of a frontal and sometimes a lateral view), a sex, an age and
-a race. Four findings are drawn into the image as shapes on a noisy, patient-specific background,
-large enough to survive resizing to 16 px, so a small CNN learns them in a few epochs:
+Each patient has 1–6 images (studies of a frontal and sometimes a lateral view), a sex, an age, a race
+and a smooth patient-specific texture ("anatomy") shared by all of their images. Four findings are
+drawn into the image as bright shapes on that background (plus per-image noise), large enough to
+survive resizing to 16 px, so a small CNN learns them in a few epochs:
 
     Cardiomegaly      bright disc in the centre
     Pleural Effusion  bright band along the bottom edge
@@ -16,8 +17,10 @@ large enough to survive resizing to 16 px, so a small CNN learns them in a few e
 
 "No Finding" is 1 when none of the four is present; the other nine CheXpert columns are 0. A few
 planted training patients are consistently mislabelled: on every one of their images the four
-labels are the opposite of what the image shows. A model can only fit them by memorising them, so
-they should come out as the most vulnerable patients of an audit.
+labels are the opposite of what the image shows. A model can only fit them by memorising them (by
+their texture), so they should come out as the most vulnerable patients of an audit. (Checked once
+with small_cnn at 16 px, 30 epochs: test AUROC 1.0 on the four findings; the planted images' loss
+was 2.0 when their patient was trained on vs 3.6 when not, against ≈0.1–0.16 for other images.)
 """
 
 from pathlib import Path
@@ -52,7 +55,7 @@ def shape_masks(size: int) -> dict:
 
 def draw_image(rng, size, shown, background) -> np.ndarray:
     """uint8 (size, size): the patient's background + noise + the shapes of the findings `shown`."""
-    image = background + rng.normal(0.0, 18.0, (size, size))
+    image = background + rng.normal(0.0, 10.0, (size, size))
     masks = shape_masks(size)
     for finding in shown:
         image[masks[finding]] += 110.0
@@ -60,10 +63,11 @@ def draw_image(rng, size, shown, background) -> np.ndarray:
 
 
 def _background(rng, size) -> np.ndarray:
-    """A smooth patient-specific background (brightness gradient), so a patient's images look alike."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    gy, gx = rng.uniform(-30, 30, 2)
-    return 70.0 + rng.uniform(-15, 15) + gy * (yy - 0.5) + gx * (xx - 0.5)
+    """A patient-specific smooth texture ("anatomy"), the same on all of a patient's images: it is
+    what lets a model recognise, and memorise, a patient."""
+    coarse = rng.normal(0.0, 28.0, (6, 6)).astype(np.float32)
+    texture = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR))
+    return 75.0 + rng.uniform(-10, 10) + texture.astype(np.float64)
 
 
 def write_synthetic_chexpert(out_dir, n_patients=240, img_size=32, seed=0, n_planted=5) -> dict:
