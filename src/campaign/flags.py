@@ -6,6 +6,7 @@ flags. The `*_from_flags` functions turn parsed flags into the plain objects `ru
 """
 
 import dataclasses
+import sys
 
 from absl import flags
 
@@ -46,47 +47,53 @@ CAMPAIGN_FLAGS = {
 }
 
 
-def define_flags(dataset: str, flag_values=flags.FLAGS) -> None:
-    """Defines all flags of a dataset script (once per FlagValues)."""
+def define_flags(dataset: str, flag_values=flags.FLAGS, help_module=None) -> None:
+    """Defines all flags of a dataset script in `flag_values`.
+
+    They are listed by the script's `--help` (as flags of `help_module`, default: the script).
+    """
     from src.data_utils.datasets import dataset_options
 
     if dataset not in DATASET_DEFAULTS:
         raise MedleakError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_DEFAULTS)}")
-    fv = flag_values
-    flags.DEFINE_string("data_root", f"./data/{dataset}", "the downloaded dataset, in its official layout",
-                        flag_values=fv)
-    flags.DEFINE_string("logdir", f"./logs/{dataset}", "campaign directory shared by all workers", flag_values=fv)
-    flags.DEFINE_string("cache_dir", None, "image cache folder (default $MEDLEAK_CACHE_DIR or ~/.cache/medleak)",
-                        flag_values=fv)
-    flags.DEFINE_integer("cache_workers", None, "processes decoding images when the cache is built", flag_values=fv)
-    flags.DEFINE_integer("workers_per_device", 1, "worker processes sharing one GPU (each takes that share "
-                         "of its memory)", flag_values=fv)
-    flags.DEFINE_bool("eval_only", False, "train one model on the whole training split, report test metrics "
-                      "(written to <logdir>/eval_only)", flag_values=fv)
+    module_name = help_module or sys.argv[0]
+
+    def define(name, default, help_text, kind=None):
+        kind = kind or _kind(default)
+        kind(name, default, help_text, flag_values=flag_values, module_name=module_name)
+
+    define("data_root", f"./data/{dataset}", "the downloaded dataset, in its official layout")
+    define("logdir", f"./logs/{dataset}", "campaign directory shared by all workers")
+    define("cache_dir", None, "image cache folder (default $MEDLEAK_CACHE_DIR or ~/.cache/medleak)",
+           flags.DEFINE_string)
+    define("cache_workers", None, "processes decoding images when the cache is built", flags.DEFINE_integer)
+    define("workers_per_device", 1, "worker processes sharing one GPU (each takes that share of its memory)")
+    define("eval_only", False, "train one model on the whole training split and report its test metrics "
+           "(written to <logdir>/eval_only)")
     for name, (default, help_text) in CAMPAIGN_FLAGS.items():
-        _define_typed(name, default, help_text, fv)
+        define(name, default, help_text)
     defaults = default_train_config(dataset)
     for field in dataclasses.fields(TrainConfig):
         value = getattr(defaults, field.name)
         if field.name == "img_size":
             value = ",".join(str(v) for v in value)
-        _define_typed(field.name, value, TRAIN_FLAG_HELP[field.name], fv)
+        define(field.name, value, TRAIN_FLAG_HELP[field.name])
     for option, (default, help_text) in dataset_options(dataset).items():
-        if option in fv:
+        if option in flag_values:
             raise MedleakError(f"{dataset}: loader option {option!r} clashes with a campaign flag; rename it")
-        flags.DEFINE_string(option, None if default is None else str(default), f"[{dataset} loader] {help_text}",
-                            flag_values=fv)
+        define(option, None if default is None else str(default), f"[{dataset} loader] {help_text}",
+               flags.DEFINE_string)
 
 
-def _define_typed(name, default, help_text, fv):
+def _kind(default):
+    """The absl DEFINE_* function for a default value's type."""
     if isinstance(default, bool):
-        flags.DEFINE_bool(name, default, help_text, flag_values=fv)
-    elif isinstance(default, int):
-        flags.DEFINE_integer(name, default, help_text, flag_values=fv)
-    elif isinstance(default, float):
-        flags.DEFINE_float(name, default, help_text, flag_values=fv)
-    else:
-        flags.DEFINE_string(name, default, help_text, flag_values=fv)
+        return flags.DEFINE_bool
+    if isinstance(default, int):
+        return flags.DEFINE_integer
+    if isinstance(default, float):
+        return flags.DEFINE_float
+    return flags.DEFINE_string
 
 
 def default_train_config(dataset: str) -> TrainConfig:

@@ -58,10 +58,9 @@ def load_splits(dataset: str, data_root, options: dict):
 class RunTrainer:
     """Everything one worker process needs to train runs: cached images and one compiled Trainer."""
 
-    def __init__(self, train_table, test_table, train_config, data_root, *, cache_dir=None, cache_workers=None,
-                 log=_log):
+    def __init__(self, train_table, test_table, train_config, data_root, *, expected_train_size: int,
+                 cache_dir=None, cache_workers=None, log=_log):
         from src.data_utils.image_cache import cached_images
-        from src.train_utils.training import Trainer
 
         started = time.time()
         self.train_table, self.test_table, self.config = train_table, test_table, train_config
@@ -76,8 +75,8 @@ class RunTrainer:
         log(f"images ready: train {train_images.shape}, test {test_images.shape} ({self.cache_seconds:.1f} s)")
         self.train_labels = train_table.labels()
         self.test_labels = test_table.labels()
-        self.trainer = Trainer(train_config, train_images, self.train_labels, train_table.task,
-                               test_images, self.test_labels)
+        self.trainer = _build_trainer(train_config, train_images, self.train_labels, train_table, test_images,
+                                      self.test_labels, expected_train_size)
         self.test_subgroups = {name: test_table.df[name].to_numpy() for name in test_table.subgroups}
 
     def train_and_infer(self, record_mask: np.ndarray, seed: int) -> dict:
@@ -86,47 +85,39 @@ class RunTrainer:
 
         task = self.train_table.task
         started = time.time()
-        state = self.trainer.train(np.flatnonzero(record_mask), seed)
+        model = self.trainer.train(np.flatnonzero(record_mask), seed, progress=sys.stderr.isatty())
         trained = time.time()
-        train_logits = np.asarray(self.trainer.infer_train_views(state), dtype=np.float32)
-        test_logits = np.asarray(self.trainer.infer_test(state), dtype=np.float32)
+        train_logits = np.asarray(self.trainer.infer_train_views(model), dtype=np.float32)
+        test_logits = np.asarray(self.trainer.infer_test(model), dtype=np.float32)
         inferred = time.time()
         clean = train_logits[:, 0]
+        losses = np.asarray(model.losses)
         metrics = {
             "test": classification_metrics(test_logits, self.test_labels, task, self.test_subgroups),
             "train_in": classification_metrics(clean[record_mask], self.train_labels[record_mask], task),
             "train_out": (classification_metrics(clean[~record_mask], self.train_labels[~record_mask], task)
                           if (~record_mask).any() else None),
+            "final_train_loss": float(losses[-max(1, len(losses) // 10):].mean()) if losses.size else None,
             "n_train_in": int(record_mask.sum()),
             "seed": int(seed),
             "config": self.config.to_dict(),
-            "timings": {"train_seconds": trained - started, "infer_seconds": inferred - trained},
-            "dp": _dp_report(self.trainer, state, self.config),
+            "timings": dict(model.timings, train_seconds=trained - started, infer_seconds=inferred - trained,
+                            compile_seconds_total=dict(self.trainer.compile_seconds)),
+            "dp": None,
         }
         metrics.update(rundir.environment_info())
         return dict(train_logits=train_logits, train_labels=self.train_labels, record_mask=record_mask,
                     test_logits=test_logits, test_labels=self.test_labels, metrics=metrics)
 
 
-def _dp_report(trainer, state, config) -> dict | None:
-    """The privacy budget actually spent, when the Trainer trained with DP-SGD."""
-    if not config.dp:
-        return None
-    report = {"target_epsilon": config.epsilon, "delta": config.delta, "clip_norm": config.clip_norm,
-              "unit": config.dp_unit}
-    for source in (state, trainer):
-        for name in ("dp_report", "privacy_report"):
-            value = getattr(source, name, None)
-            if callable(value):
-                value = value()
-            if isinstance(value, dict):
-                report.update(value)
-                return report
-        spent = getattr(source, "epsilon_spent", None)
-        if spent is not None:
-            report["epsilon_spent"] = float(spent() if callable(spent) else spent)
-            return report
-    return report
+def _build_trainer(config, train_images, train_labels, train_table, test_images, test_labels, expected_train_size):
+    """The Trainer of this worker (compiled on its first run)."""
+    from src.train_utils.training import Trainer
+
+    if config.dp:
+        raise MedleakError("--epsilon: DP-SGD training is not wired into the campaign yet; leave --epsilon at inf")
+    return Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
+                   expected_train_size=expected_train_size)
 
 
 def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
@@ -144,8 +135,9 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
     @functools.cache
     def run_trainer():
         # built on the first claim only: a worker with nothing to do never decodes or compiles
-        return RunTrainer(train_table, test_table, train_config, data_root, cache_dir=cache_dir,
-                          cache_workers=cache_workers, log=log)
+        expected = max(1, round(campaign_config.subset_ratio * train_table.n_records))
+        return RunTrainer(train_table, test_table, train_config, data_root, expected_train_size=expected,
+                          cache_dir=cache_dir, cache_workers=cache_workers, log=log)
 
     def do_run(run_index: int) -> Path:
         mask = plan.record_mask(patient_mask[run_index], record_patient_index)
@@ -164,7 +156,8 @@ def run_eval_only(dataset: str, *, data_root, logdir, train_config, campaign_con
     Written to `<logdir>/eval_only/` (same files as a run directory; replaced on every call).
     """
     train_table, test_table = load_splits(dataset, data_root, options or {})
-    trainer = RunTrainer(train_table, test_table, train_config, data_root, cache_dir=cache_dir,
+    trainer = RunTrainer(train_table, test_table, train_config, data_root,
+                         expected_train_size=train_table.n_records, cache_dir=cache_dir,
                          cache_workers=cache_workers, log=log)
     contents = trainer.train_and_infer(np.ones(train_table.n_records, dtype=bool), campaign_config.seed)
     contents["metrics"].update(run=None, dataset=dataset, eval_only=True)

@@ -1,0 +1,13 @@
+"""Shadow-model campaign on Harvard FairVision30k (SLO fundus scans, 7 classes).
+
+    python fairvision.py --data_root=/data/fairvision --logdir=./logs/fairvision
+
+Trains --n_runs shadow models, each on a random half of the patients; start the same command on as
+many GPUs/machines as share the logdir (runs are shared out by file locks). --eval_only trains one
+model on the whole training split and reports test metrics. All flags and their defaults: --help.
+"""
+
+from src.campaign.main import run_script
+
+if __name__ == "__main__":
+    run_script("fairvision")

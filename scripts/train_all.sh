@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Trains the shadow-model campaign of every dataset.
+#
+# Run this same line on every GPU machine that sees the same LOG_DIR (a shared filesystem): the
+# workers share the runs out through the file-lock work queue in each logdir, so more machines
+# simply finish sooner. A worker exits when nothing is left to claim; re-running the line later
+# picks up runs whose worker died (after their lease expired) and never redoes a finished run.
+#
+#   bash scripts/train_all.sh
+#   WORKERS_PER_GPU=2 DATASETS="fitzpatrick chexpert" DATA_DIR=/data LOG_DIR=/shared/logs bash scripts/train_all.sh
+#   bash scripts/train_all.sh --epochs=10            # extra flags go to every worker
+#
+# Settings (environment variables):
+#   DATASETS         datasets in order (default: fitzpatrick fairvision embed chexpert mimic)
+#   DATA_DIR         holds one folder per dataset: $DATA_DIR/<dataset> is its --data_root (./data)
+#   LOG_DIR          $LOG_DIR/<dataset> is its --logdir (./logs)
+#   N_RUNS           shadow models per dataset (200, as in the paper)
+#   WORKERS_PER_GPU  worker processes per visible GPU (1); small models train faster with 2–4
+#   GPUS             GPU indices to use (default: $CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi
+#                    lists, else none: WORKERS_PER_GPU workers on the CPU)
+#   PYTHON           interpreter (python)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python}
+DATASETS=${DATASETS:-"fitzpatrick fairvision embed chexpert mimic"}
+DATA_DIR=${DATA_DIR:-./data}
+LOG_DIR=${LOG_DIR:-./logs}
+N_RUNS=${N_RUNS:-200}
+WORKERS_PER_GPU=${WORKERS_PER_GPU:-1}
+
+if [ -z "${GPUS+x}" ]; then
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    GPUS=${CUDA_VISIBLE_DEVICES//,/ }
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr '\n' ' ')
+  else
+    GPUS=""
+  fi
+fi
+read -r -a gpu_list <<< "$GPUS"
+if [ "${#gpu_list[@]}" -eq 0 ]; then
+  gpu_list=("cpu")
+fi
+
+failed=0
+for dataset in $DATASETS; do
+  logdir="$LOG_DIR/$dataset"
+  mkdir -p "$logdir/worker_logs"
+  echo "== $dataset: ${#gpu_list[@]} device(s) x $WORKERS_PER_GPU worker(s), logdir $logdir"
+  pids=()
+  for gpu in "${gpu_list[@]}"; do
+    for ((w = 0; w < WORKERS_PER_GPU; w++)); do
+      log="$logdir/worker_logs/$(hostname)-$gpu-$w.log"
+      if [ "$gpu" = "cpu" ]; then
+        device_env=(env JAX_PLATFORMS=cpu)
+      else
+        # each worker sees one GPU; --workers_per_device gives each its share of the GPU's memory
+        device_env=(env CUDA_VISIBLE_DEVICES="$gpu")
+      fi
+      "${device_env[@]}" "$PYTHON" "$dataset.py" --data_root="$DATA_DIR/$dataset" --logdir="$logdir" \
+        --n_runs="$N_RUNS" --workers_per_device="$WORKERS_PER_GPU" "$@" >"$log" 2>&1 &
+      pids+=("$!")
+    done
+  done
+  for pid in "${pids[@]}"; do
+    if ! wait "$pid"; then
+      echo "   a $dataset worker failed (pid $pid); see $logdir/worker_logs/" >&2
+      failed=1
+    fi
+  done
+  grep -h "nothing left to claim" "$logdir"/worker_logs/"$(hostname)"-*.log 2>/dev/null | tail -n 1
+done
+exit "$failed"
