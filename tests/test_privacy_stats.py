@@ -280,15 +280,15 @@ def slow_rmia(shadow_p, masks, target_p, population, gamma, offline, a, trim):
     return result
 
 
-@pytest.mark.parametrize("offline", [False, True])
-def test_rmia_matches_loop(offline):
+@pytest.mark.parametrize("offline,trim", [(False, 0.0), (False, 0.1), (True, 0.0), (True, 0.1)])
+def test_rmia_matches_loop(offline, trim):
     scores, masks = random_campaign(n_models=12, n_records=25, n_views=2)
     p = rmia_from_lira(scores)
     shadows, shadow_masks, target = p[2:], masks[2:], p[0]
     shadow_masks[0], shadow_masks[1] = True, False
     population = population_indices(25, 10, seed=3)
-    got = rmia(shadows, shadow_masks, target, offline=offline, a=0.3 if offline else None, gamma=1.3, trim=0.1, n_population=10, seed=3)
-    expected = slow_rmia(shadows, shadow_masks, target, population, 1.3, offline, 0.3, 0.1)
+    got = rmia(shadows, shadow_masks, target, offline=offline, a=0.3 if offline else None, gamma=1.3, trim=trim, n_population=10, seed=3)
+    expected = slow_rmia(shadows, shadow_masks, target, population, 1.3, offline, 0.3, trim)
     np.testing.assert_allclose(got, expected, atol=1e-9)
 
 

@@ -20,7 +20,7 @@ from src.privacy_utils.lira import lira_from_stats, shadow_stats
 from src.privacy_utils.load import load_campaign
 from src.privacy_utils.risk import (RISK_THRESHOLDS, in_out_moments, patient_risk, record_auc_from_moments,
                                     require_in_and_out, share_above)
-from src.privacy_utils.rmia import (DEFAULT_GAMMA, DEFAULT_POPULATION, DEFAULT_TRIM, population_indices,
+from src.privacy_utils.rmia import (DEFAULT_GAMMA, DEFAULT_POPULATION, population_indices,
                                     reference_probability, rmia_from_reference, tune_offline_a)
 from src.privacy_utils.roc import FPR_GRID, summarise_attack
 from src.privacy_utils.scores import log_p_from_lira, rmia_from_lira
@@ -39,7 +39,7 @@ class AuditOptions:
     data_root: Path | None = None
     seed: int = 0
     rmia_gamma: float = DEFAULT_GAMMA
-    rmia_trim: float = DEFAULT_TRIM
+    rmia_trim: float = 0.1
     rmia_population: int = DEFAULT_POPULATION
     top_share: float = TOP_SHARE
     progress: bool = True
@@ -72,7 +72,7 @@ def attack_suite(campaign, options):
         del stats
         population = population_indices(scores.shape[1], options.rmia_population, options.seed)
         target_p = rmia_from_lira(target_scores)
-        p_stats = shadow_stats(shadow_scores, shadow_masks, trim=options.rmia_trim, transform=rmia_from_lira)
+        p_stats = shadow_stats(shadow_scores, shadow_masks, medians=False, trim=options.rmia_trim or None, transform=rmia_from_lira)
         online = rmia_from_reference(reference_probability(p_stats), target_p, gamma=options.rmia_gamma, population=population)
         results["RMIA online"] = summarise_attack(online, target_masks)
         a = None

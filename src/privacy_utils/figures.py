@@ -33,7 +33,8 @@ def roc_figure(attacks, grid, out_dir, name="roc"):
         text = f"{label} (AUC {summary['auc']['mean']:.3f} ± {summary['auc']['sd']:.3f})"
         for ax in (ax_lin, ax_log):
             line, = ax.plot(grid, mean, label=text, lw=1.5)
-            ax.fill_between(grid, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=line.get_color(), alpha=0.2)
+            # floor at 1e-5: on the log-log panel a band reaching 0 would fill the whole axis
+            ax.fill_between(grid, np.clip(mean - sd, 1e-5, 1), np.clip(mean + sd, 1e-5, 1), color=line.get_color(), alpha=0.2)
     for ax in (ax_lin, ax_log):
         ax.plot([1e-5, 1], [1e-5, 1], ls="--", color="grey", lw=1, label="chance")
         ax.set_xlabel("false-positive rate")

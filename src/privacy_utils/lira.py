@@ -94,13 +94,14 @@ def _trimmed_means(keys, n_out, trim):
         return (values @ weights) / kept  # (R, V, 2): OUT, IN
 
 
-def shadow_stats(shadow_scores, shadow_masks, *, trim=None, transform=None, chunk=DEFAULT_CHUNK, threads=None):
+def shadow_stats(shadow_scores, shadow_masks, *, medians=True, trim=None, transform=None, chunk=DEFAULT_CHUNK, threads=None):
     """Per-record/view IN and OUT statistics over shadow models, computed once for all targets.
 
     Returns a dict of (n_records, n_views) float64 arrays `median_in, median_out, mean_in,
     mean_out, sd_in, sd_out` (population sd; NaN where a record has no IN/OUT shadow), `n_in,
     n_out` (n_records,), and with `trim` (a fraction in [0, 0.5)) also `trimmed_in, trimmed_out`:
-    means after dropping floor(trim·n) values at each end. `transform` (e.g. `rmia_from_lira`) is
+    means after dropping floor(trim·n) values at each end. `medians=False` with no `trim` skips the
+    sort (moments only: what RMIA with plain means needs). `transform` (e.g. `rmia_from_lira`) is
     applied to each chunk first, so statistics of derived scores need no second full-size array.
     """
     shadow_scores, shadow_masks = check_scores_masks(shadow_scores, shadow_masks, "shadow_scores")
@@ -111,7 +112,9 @@ def shadow_stats(shadow_scores, shadow_masks, *, trim=None, transform=None, chun
         raise MedleakError(f"trim must lie in [0, 0.5), got {trim}")
     n_in = shadow_masks.sum(axis=0)
     n_out = n_models - n_in
-    names = ["median_in", "median_out", "mean_in", "mean_out", "sd_in", "sd_out"]
+    names = ["mean_in", "mean_out", "sd_in", "sd_out"]
+    if medians:
+        names += ["median_in", "median_out"]
     if trim is not None:
         names += ["trimmed_in", "trimmed_out"]
     out = {k: np.empty((n_records, n_views)) for k in names}
@@ -123,10 +126,13 @@ def shadow_stats(shadow_scores, shadow_masks, *, trim=None, transform=None, chun
         mean, sd = chunk_moments(chunk_scores, chunk_masks)
         out["mean_in"][a:b], out["mean_out"][a:b] = mean[:, 0], mean[:, 1]
         out["sd_in"][a:b], out["sd_out"][a:b] = sd[:, 0], sd[:, 1]
+        if not medians and trim is None:
+            return
         keys = sorted_keys(chunk_scores, chunk_masks)
         c_out, c_in = n_out[a:b], n_in[a:b]
-        out["median_out"][a:b] = _medians(keys, np.zeros_like(c_out), c_out)
-        out["median_in"][a:b] = _medians(keys, c_out, c_in)
+        if medians:
+            out["median_out"][a:b] = _medians(keys, np.zeros_like(c_out), c_out)
+            out["median_in"][a:b] = _medians(keys, c_out, c_in)
         if trim is not None:
             trimmed = _trimmed_means(keys, c_out, trim)
             out["trimmed_out"][a:b], out["trimmed_in"][a:b] = trimmed[..., 0], trimmed[..., 1]
@@ -182,6 +188,8 @@ def lira_from_stats(stats, target_scores, *, offline=False, fix_variance=False):
     single = target_scores.ndim == 2
     if single:
         target_scores = target_scores[None]
+    if "median_in" not in stats:
+        raise MedleakError("LiRA needs shadow_stats(..., medians=True)")
     n_records, n_views = stats["median_in"].shape
     if target_scores.shape[1:] != (n_records, n_views):
         raise MedleakError(f"target_scores {target_scores.shape} must be (n_targets, {n_records}, {n_views}) like the shadow scores")

@@ -6,8 +6,11 @@ view v, reference (shadow) models give Pr(x) — how likely x is under a model i
     online:  Pr(x) = ½ (mean_IN + mean_OUT)            (balanced over IN and OUT shadows)
     offline: Pr(x) = ½ ((1 + a) · mean_OUT + (1 − a))   (only OUT shadows; `a` corrects for them)
 
-where the means over shadows are **trimmed means** (dropping `trim`·n values at each end: a few
-degenerate shadow models then cannot dominate). For a target model θ the likelihood ratio is
+where the means over shadows can be **trimmed means** (`trim` > 0 drops floor(trim·n) values at
+each end, so a few degenerate shadow models cannot dominate; the audit uses trim = 0.1). The array
+API's default, trim = 0, is the paper's plain mean and needs no sort (moments only).
+
+For a target model θ the likelihood ratio is
 LR(x) = p(x|θ) / Pr(x), and the score of x is the share of population records z with
 LR(x) / LR(z) > γ, averaged over views. The population is a fixed random subset of the records
 (`n_population`, seeded), the same for all targets — the attacker's pool of other records.
@@ -23,10 +26,15 @@ from src.errors import MedleakError
 from src.privacy_utils.lira import shadow_stats
 from src.privacy_utils.roc import auc_score
 
-DEFAULT_TRIM = 0.1
+DEFAULT_TRIM = 0.0  # the paper's plain mean; mem_inf_stats uses --rmia_trim=0.1
 DEFAULT_GAMMA = 1.0
 DEFAULT_POPULATION = 10_000
 A_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
+
+
+def _stats_options(trim):
+    """shadow_stats options for RMIA: trimmed means need the sort, plain means only moments."""
+    return {"medians": False, "trim": trim if trim else None}
 
 
 def reference_probability(stats, *, offline=False, a=None):
@@ -90,7 +98,7 @@ def tune_offline_a(shadow_scores, shadow_masks, *, trim=DEFAULT_TRIM, gamma=DEFA
     if shadow_scores.shape[0] < 2:
         raise MedleakError("tuning RMIA offline `a` needs at least 2 shadow models (one is used as a pretend target)")
     shadow_masks = np.asarray(shadow_masks)
-    references = shadow_stats(shadow_scores[1:], shadow_masks[1:], trim=trim, transform=transform)
+    references = shadow_stats(shadow_scores[1:], shadow_masks[1:], **_stats_options(trim), transform=transform)
     observed = shadow_scores[0] if transform is None else transform(shadow_scores[0])
     members = shadow_masks[0]
     aucs = {}
@@ -108,10 +116,11 @@ def rmia(shadow_scores, shadow_masks, target_scores, *, offline=False, a=None, g
     shadow_scores: (n_shadows, n_records, n_views) probabilities (`rmia_scores`); shadow_masks:
     (n_shadows, n_records) bool; target_scores: (n_targets, n_records, n_views) or
     (n_records, n_views). Offline with `a=None` tunes `a` on shadow 0 as a pretend target.
-    Pass `stats=shadow_stats(shadow_scores, shadow_masks, trim=trim)` to reuse statistics.
+    Pass `stats=shadow_stats(shadow_scores, shadow_masks, medians=False, trim=trim or None)` to reuse
+    statistics.
     """
     if stats is None:
-        stats = shadow_stats(shadow_scores, shadow_masks, trim=trim)
+        stats = shadow_stats(shadow_scores, shadow_masks, **_stats_options(trim))
     population = population_indices(stats["mean_in"].shape[0], n_population, seed)
     if offline and a is None:
         a, _ = tune_offline_a(shadow_scores, shadow_masks, trim=trim, gamma=gamma, population=population)
