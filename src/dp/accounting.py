@@ -15,6 +15,7 @@ Clopper-Pearson intervals gives a lower bound on the epsilon actually spent
 (`empirical_epsilon_lower_bound`).
 """
 
+import functools
 import math
 
 import dp_accounting
@@ -28,6 +29,9 @@ from src.errors import MedleakError
 
 ACCOUNTANTS = ("pld", "rdp")
 PLD_DISCRETIZATION = 1e-4  # dp-accounting's default; smaller is slower for little gain
+# Integer orders only: dp-accounting's fractional orders warn about non-convergence at small
+# sigma; integer orders give a valid, marginally looser bound.
+RDP_ORDERS = tuple(range(2, 129)) + (160, 192, 256, 384, 512, 1024)
 _ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
@@ -42,7 +46,8 @@ def make_accountant(accountant: str = "pld") -> dp_accounting.PrivacyAccountant:
         return dp_accounting.pld.PLDAccountant(
             neighboring_relation=_ADD_OR_REMOVE, value_discretization_interval=PLD_DISCRETIZATION)
     if accountant == "rdp":
-        return dp_accounting.rdp.RdpAccountant(neighboring_relation=_ADD_OR_REMOVE)
+        return dp_accounting.rdp.RdpAccountant(orders=RDP_ORDERS,
+                                               neighboring_relation=_ADD_OR_REMOVE)
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
@@ -70,6 +75,16 @@ def spent_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, del
     """
     if noise_multiplier == 0:
         return math.inf
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    return _spent_epsilon(float(noise_multiplier), float(sampling_rate), int(steps), float(delta),
+                          accountant, n_units, max_units)
+
+
+@functools.lru_cache(maxsize=256)
+def _spent_epsilon(noise_multiplier, sampling_rate, steps, delta, accountant, n_units, max_units):
+    # Memoised: calibration's final check and the run summary ask for the same value, and each
+    # truncated-PLD evaluation takes seconds. A pure function of its arguments.
     event = training_event(noise_multiplier, sampling_rate, steps, n_units=n_units,
                            max_units=max_units, truncated=(accountant == "pld"))
     return float(make_accountant(accountant).compose(event).get_epsilon(delta))
@@ -77,8 +92,8 @@ def spent_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, del
 
 def calibrate_noise_multiplier(epsilon: float, delta: float, sampling_rate: float, steps: int, *,
                                n_units: int | None = None, max_units: int | None = None,
-                               tol: float = 1e-4) -> float:
-    """Smallest sigma (within `tol`) whose PLD epsilon at `delta` is <= `epsilon`.
+                               rel_tol: float = 1e-3) -> float:
+    """Smallest sigma (within a relative `rel_tol`) whose PLD epsilon at `delta` is <= `epsilon`.
 
     The search runs on the plain Poisson event (several times cheaper); with n_units/max_units
     the result is then checked with the exact truncated event and nudged up until it complies
@@ -88,18 +103,33 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sampling_rate: floa
         raise MedleakError(f"--epsilon must be > 0 (or inf to disable DP), got {epsilon}")
     if not 0 < delta < 1:
         raise MedleakError(f"--delta must be in (0, 1) (0 means 1/n_units), got {delta}")
+    # Bracket the PLD search with the (cheap, looser) RDP calibration: RDP needs at least as much
+    # noise, so sigma_rdp is an upper end; walk the lower end down until it overshoots.
+    upper = float(dp_accounting.calibrate_dp_mechanism(
+        lambda: make_accountant("rdp"), lambda s: training_event(s, sampling_rate, steps),
+        target_epsilon=float(epsilon), target_delta=float(delta), tol=1e-4))
+    while spent_epsilon(upper, sampling_rate, steps, delta, "pld") > epsilon:
+        upper *= 1.2  # not expected (RDP is looser), but never hand brentq a bad bracket
+    lower = upper
+    while lower > 1e-3:
+        lower *= 0.85
+        if spent_epsilon(lower, sampling_rate, steps, delta, "pld") > epsilon:
+            break
+    else:
+        lower = 0.0
     sigma = float(dp_accounting.calibrate_dp_mechanism(
         lambda: make_accountant("pld"),
         lambda s: training_event(s, sampling_rate, steps),
         target_epsilon=float(epsilon), target_delta=float(delta),
-        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0), tol=tol))
+        bracket_interval=dp_accounting.ExplicitBracketInterval(lower, upper),
+        tol=rel_tol * upper))
     if n_units is not None and max_units is not None:
         for _ in range(50):
             spent = spent_epsilon(sigma, sampling_rate, steps, delta, "pld", n_units=n_units,
                                   max_units=max_units)
             if spent <= epsilon:
                 break
-            sigma *= 1 + max(tol, 1e-4)
+            sigma *= 1 + rel_tol
         else:
             raise RuntimeError("could not calibrate sigma for the truncated sampler")
     return sigma
@@ -132,7 +162,7 @@ def dp_summary(schedule: "sampling.DpSchedule", noise_multiplier: float, delta: 
 
 
 def format_summary(summary: dict) -> str:
-    """One line for the log: `DP: epsilon=… delta=… sigma=… q=… steps=… (pld, patient-level)`."""
+    """One log line: `DP: epsilon=… delta=… sigma=… q=… steps=… (pld, patient-level, …)`."""
     return (f"DP: epsilon={summary['epsilon']:.4g} (rdp {summary['epsilon_rdp']:.4g}) "
             f"delta={summary['delta']:.3g} sigma={summary['noise_multiplier']:.4g} "
             f"q={summary['sampling_rate']:.4g} steps={summary['steps']} "
@@ -196,7 +226,7 @@ def auc_upper_bound(epsilons, deltas, n_grid: int = 4001) -> float:
 def auc_upper_bound_for_training(noise_multiplier: float, sampling_rate: float, steps: int, *,
                                  n_units: int | None = None, max_units: int | None = None,
                                  n_epsilons: int = 400) -> float:
-    """AUC bound implied by a trained model's whole privacy profile (tighter than one (eps, delta))."""
+    """AUC bound implied by a trained model's whole privacy profile (tighter than one point)."""
     if noise_multiplier == 0:
         return 1.0
     units = dict(n_units=n_units, max_units=max_units)

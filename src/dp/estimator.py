@@ -60,7 +60,7 @@ class DpPlan:
 
 
 def validate_dp_config(config) -> None:
-    """Refuses DP settings that cannot give a guarantee (BatchNorm, bad values); no-op if DP is off."""
+    """Refuses DP settings that give no guarantee (BatchNorm, bad values); no-op if DP is off."""
     if not config.dp:
         return
     if config.norm == "batch":

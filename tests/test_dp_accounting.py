@@ -1,0 +1,131 @@
+"""Calibration and spent epsilon (dp-accounting), and the attack bounds a guarantee implies."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from jax_privacy import auditing
+from scipy import optimize, stats
+
+from src.config import TrainConfig
+from src.dp import accounting, estimator, sampling
+from src.errors import MedleakError
+
+
+@pytest.mark.parametrize("target_epsilon", [1.0, 4.0])
+def test_calibrated_sigma_recomputes_to_the_target_with_a_fresh_accountant(target_epsilon):
+    q, steps, n_units, delta = 0.05, 60, 2000, 1 / 2000
+    max_units = sampling.padded_unit_count(n_units, q)
+    sigma = accounting.calibrate_noise_multiplier(target_epsilon, delta, q, steps,
+                                                  n_units=n_units, max_units=max_units)
+    accounting._spent_epsilon.cache_clear()  # a fresh accountant, not the calibration's result
+    pld = accounting.spent_epsilon(sigma, q, steps, delta, "pld", n_units=n_units,
+                                   max_units=max_units)
+    assert target_epsilon * 0.99 <= pld <= target_epsilon * (1 + 1e-9)
+    # A slightly smaller sigma overshoots: the calibration is tight.
+    assert accounting.spent_epsilon(sigma * 0.98, q, steps, delta, n_units=n_units,
+                                    max_units=max_units) > target_epsilon
+    # The RDP accountant is an independent, looser bound.
+    assert accounting.spent_epsilon(sigma, q, steps, delta, "rdp") >= pld
+    # Truncation at probability ~1e-6 per step changes epsilon negligibly.
+    untruncated = accounting.spent_epsilon(sigma, q, steps, delta, "pld")
+    assert untruncated == pytest.approx(pld, rel=1e-3)
+
+
+def test_plan_dp_run_records_what_a_fresh_accountant_reproduces():
+    config = TrainConfig(epsilon=2.0, delta=0.0, clip_norm=0.8, dp_unit="patient",
+                         batch_size=60, epochs=2, norm="group")
+    patient_ids = np.repeat(np.arange(1500), np.tile([1, 2, 3], 500))
+    shape = estimator.dp_batch_shape(config, patient_ids)
+    # The run trains on half of the patients.
+    run_patients = patient_ids[patient_ids < 750]
+    plan = estimator.plan_dp_run(config, shape, run_patients)
+    summary = plan.summary
+    assert summary["n_units"] == 750 and summary["delta"] == pytest.approx(1 / 750)
+    assert summary["unit"] == "patient" and summary["accountant"] == "pld"
+    assert summary["sampling_rate"] == pytest.approx(shape.expected_units / 750)
+    assert summary["steps"] == int(np.ceil(2 / summary["sampling_rate"]))
+    assert plan.estimator.noise_multiplier == summary["noise_multiplier"]
+    assert plan.estimator.expected_units == pytest.approx(30.0)  # 60 records / 2 per patient
+    accounting._spent_epsilon.cache_clear()
+    fresh = accounting.spent_epsilon(summary["noise_multiplier"], summary["sampling_rate"],
+                                     summary["steps"], summary["delta"], "pld",
+                                     n_units=summary["n_units"], max_units=summary["max_units"])
+    assert fresh == pytest.approx(summary["epsilon"], rel=1e-9)
+    assert 0.99 * 2.0 <= fresh <= 2.0
+    assert summary["epsilon_rdp"] >= fresh
+    assert "epsilon=" in accounting.format_summary(summary)
+    with pytest.raises(MedleakError, match="norm"):
+        estimator.plan_dp_run(dataclasses.replace(config, norm="batch"), shape, run_patients)
+
+
+def test_auc_bound_known_answers():
+    # No privacy loss: no test beats chance.
+    assert accounting.auc_upper_bound([0.0], [0.0]) == pytest.approx(0.5, abs=1e-3)
+    # Pure eps-DP: the best AUC is e^eps / (1 + e^eps).
+    for eps in (0.5, 1.0, 3.0):
+        bound = accounting.auc_upper_bound([eps], [0.0])
+        exact = np.exp(eps) / (1 + np.exp(eps))
+        assert exact <= bound <= exact + 1e-3
+    assert accounting.auc_upper_bound([np.inf], [0.0]) == 1.0
+    # One Gaussian mechanism with noise sigma is (1/sigma)-GDP: trade-off curve
+    # Phi(Phi^-1(1 - alpha) - mu), AUC Phi(mu / sqrt(2)). Its whole profile recovers it.
+    for sigma in (0.7, 2.0):
+        bound = accounting.auc_upper_bound_for_training(sigma, 1.0, 1)
+        exact = stats.norm.cdf(1 / sigma / np.sqrt(2))
+        assert exact - 1e-3 <= bound <= exact + 3e-3
+    # A weaker guarantee allows a better attack.
+    assert accounting.auc_upper_bound([1.0], [1e-5]) < accounting.auc_upper_bound([8.0], [1e-5])
+    # The profile bound is tighter than the single (eps, delta) point it contains.
+    q, steps, delta = 0.05, 100, 1e-4
+    eps = accounting.spent_epsilon(1.0, q, steps, delta)
+    assert (accounting.auc_upper_bound_for_training(1.0, q, steps)
+            < accounting.auc_upper_bound([eps], [delta]))
+
+
+def test_max_tpr_matches_a_loop_over_the_profile():
+    epsilons = np.array([0.2, 1.0, 2.5])
+    deltas = np.array([0.3, 0.05, 1e-3])
+    fprs = np.linspace(0, 1, 41)
+    loop = []
+    for alpha in fprs:
+        beta = 0.0
+        for eps, delta in zip(epsilons, deltas):
+            beta = max(beta, 1 - delta - np.exp(eps) * alpha, np.exp(-eps) * (1 - delta - alpha))
+        loop.append(1 - beta)
+    np.testing.assert_allclose(accounting.max_tpr(fprs, epsilons, deltas), loop, atol=1e-12)
+
+
+def test_clopper_pearson_upper_matches_binomial_inversion():
+    for k, n in [(0, 50), (7, 50), (99, 100)]:
+        upper = float(accounting.clopper_pearson_upper(k, n, 0.05))
+        # The upper bound p solves P(Binomial(n, p) <= k) = 0.05.
+        solved = optimize.brentq(lambda p: stats.binom.cdf(k, n, p) - 0.05, 1e-12, 1 - 1e-12)
+        assert upper == pytest.approx(solved, rel=1e-6)
+    assert float(accounting.clopper_pearson_upper(50, 50, 0.05)) == 1.0
+
+
+def test_empirical_epsilon_lower_bound_is_below_the_true_epsilon():
+    # Scores of a mu-GDP mechanism: N(mu, 1) for IN, N(0, 1) for OUT. Its exact epsilon at delta
+    # solves delta = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2).
+    mu, delta = 2.0, 1e-3
+    gdp_delta = lambda e: stats.norm.cdf(-e / mu + mu / 2) - np.exp(e) * stats.norm.cdf(-e / mu - mu / 2)
+    true_eps = optimize.brentq(lambda e: gdp_delta(e) - delta, 0, 50)
+    rng = np.random.default_rng(0)
+    in_scores = rng.normal(mu, 1, 5000)
+    out_scores = rng.normal(0, 1, 5000)
+    lower = accounting.empirical_epsilon_lower_bound(in_scores, out_scores, delta)
+    assert 0.5 < lower < true_eps
+    # The same statistic at one fixed threshold agrees with jax-privacy's auditor.
+    threshold = 1.5
+    tp = int(np.sum(in_scores >= threshold))
+    fp = int(np.sum(out_scores >= threshold))
+    ours = accounting.epsilon_lower_bound_from_counts(tp, 5000, fp, 5000, delta, 0.05)
+    theirs = auditing.CanaryScoreAuditor(in_scores, out_scores).epsilon_clopper_pearson(
+        0.05, delta=delta, one_sided=False, threshold_strategy=auditing.Explicit(threshold))
+    assert ours == pytest.approx(theirs, rel=1e-9)
+    assert ours < true_eps
+    # No signal: the bound is (close to) zero.
+    null = accounting.empirical_epsilon_lower_bound(rng.normal(0, 1, 2000), rng.normal(0, 1, 2000),
+                                                    delta)
+    assert null < 0.2
