@@ -12,10 +12,9 @@ over records and views), which is more stable with few shadows.
 
 Shadows are the same for every target, so the per-record statistics are computed once
 (`shadow_stats`) and reused for all targets and all variants. The medians are exact: per chunk of
-records the scores are transposed to (records, views, models) and sorted **once** on a uint64 key
-whose high word is the IN bit and low word an order-preserving image of the float32 bits, so each
-row comes out as OUT values ascending followed by IN values ascending; medians, moments and trimmed
-means are then gathers and small matmuls on the sorted rows.
+records the scores are transposed to (records, views, models), IN and OUT values separated by
+adding +inf to the other group, and each sorted once along the contiguous model axis; medians and
+trimmed means are then gathers and small matmuls on the sorted rows (moments need no sort).
 
 Records with no IN (or no OUT) shadow — common with few shadows — borrow the other Gaussian shifted
 by the median IN−OUT gap over records, with the pooled σ; records with a single IN (OUT) shadow use
@@ -30,68 +29,48 @@ from scipy import special
 from src.errors import MedleakError
 from src.privacy_utils.risk import DEFAULT_CHUNK, check_scores_masks, chunk_moments, map_chunks
 
-_SIGN = np.uint32(0x80000000)
-_LOW32 = np.uint64(0xFFFFFFFF)
+def sorted_groups(chunk_scores, chunk_masks):
+    """(M, R, V) scores + (M, R) IN masks → (in_sorted, out_sorted), each (R, V, M) float32.
 
-
-def _sortable_bits(values_f32):
-    """Maps float32 → uint32 so unsigned order equals float order (NaN-free input)."""
-    bits = values_f32.view(np.uint32)
-    # negative: flip all bits; positive: flip the sign bit.
-    return bits ^ ((bits >> np.uint32(31)) * np.uint32(0x7FFFFFFF) | _SIGN)
-
-
-def _float_from_sortable(u32):
-    flip = ((u32 >> np.uint32(31)) ^ np.uint32(1)) * np.uint32(0x7FFFFFFF) | _SIGN
-    return (u32 ^ flip).view(np.float32)
-
-
-def sorted_keys(chunk_scores, chunk_masks):
-    """(M, R, V) scores + (M, R) IN masks → (R, V, M) uint64 sort keys, each row sorted.
-
-    Key = IN bit << 32 | order-preserving float32 bits, so every row is OUT values ascending, then
-    IN values ascending. The keys are built in the source layout and transposed once (8-byte
-    elements) straight into the buffer that is sorted.
+    Row (r, v) of `in_sorted` holds the IN models' values ascending, then +inf for the OUT models;
+    `out_sorted` the other way round. The chunk is transposed in two steps — a copy with 64-byte
+    inner rows to (R, M, V), then an in-cache transpose to (R, V, M) — which is much cheaper than
+    one strided transpose from the (models, records, views) layout; the groups are separated by
+    adding 0 / +inf per model (a fast broadcast add) before two float32 sorts.
     """
     n_models, n_records, n_views = chunk_scores.shape
-    bits = _sortable_bits(np.ascontiguousarray(chunk_scores, dtype=np.float32)).astype(np.uint64)
-    bits |= (chunk_masks.astype(np.uint64) << np.uint64(32))[:, :, None]
-    keys = np.empty((n_records, n_views, n_models), dtype=np.uint64)
-    keys[...] = bits.transpose(1, 2, 0)
-    keys.sort(axis=-1)
-    return keys
+    staged = np.empty((n_records, n_models, n_views), dtype=np.float32)
+    staged[...] = chunk_scores.transpose(1, 0, 2)
+    values = np.empty((n_records, n_views, n_models), dtype=np.float32)
+    values[...] = staged.transpose(0, 2, 1)
+    del staged
+    hide_out = np.where(chunk_masks.T, np.float32(0), np.float32(np.inf))[:, None, :]  # (R, 1, M)
+    in_sorted = values + hide_out
+    in_sorted.sort(axis=-1)
+    values += np.where(chunk_masks.T, np.float32(np.inf), np.float32(0))[:, None, :]
+    values.sort(axis=-1)
+    return in_sorted, values
 
 
-def decode_keys(keys):
-    """Float32 values of sort keys (drops the IN bit)."""
-    return _float_from_sortable((keys & _LOW32).astype(np.uint32))
-
-
-def _medians(keys, start, count):
-    """Median of each row's block [start, start + count) (mean of the two middle values); NaN if empty."""
-    lo = start + np.maximum(count - 1, 0) // 2
-    hi = start + count // 2
-    idx = np.stack([lo, hi], axis=-1).clip(0, keys.shape[-1] - 1)[:, None, :]
-    pair = decode_keys(np.take_along_axis(keys, np.broadcast_to(idx, keys.shape[:2] + (2,)), axis=-1))
+def _medians(rows, count):
+    """Median of each row's first `count` values (mean of the two middle values); NaN if count = 0."""
+    lo = np.maximum(count - 1, 0) // 2
+    hi = count // 2
+    idx = np.stack([lo, hi], axis=-1).clip(0, rows.shape[-1] - 1)[:, None, :]
+    pair = np.take_along_axis(rows, np.broadcast_to(idx, rows.shape[:2] + (2,)), axis=-1)
     med = pair.astype(np.float64).mean(axis=-1)
     return np.where(count[:, None] > 0, med, np.nan)
 
 
-def _trimmed_means(keys, n_out, trim):
-    """Means of each row's OUT and IN blocks after dropping floor(trim·n) values at both ends."""
-    n_models = keys.shape[-1]
-    position = np.arange(n_models)[None, :]
-    n_out = n_out[:, None]
-    n_in = n_models - n_out
-    cut_out = np.floor(trim * n_out).astype(np.int64)
-    cut_in = np.floor(trim * n_in).astype(np.int64)
-    keep_out = (position >= cut_out) & (position < n_out - cut_out)
-    keep_in = (position >= n_out + cut_in) & (position < n_models - cut_in)
-    weights = np.stack([keep_out, keep_in], axis=-1).astype(np.float64)  # (R, M, 2)
-    kept = weights.sum(axis=1)[:, None, :]
-    values = decode_keys(keys).astype(np.float64)
+def _trimmed_means(rows, count, trim):
+    """Mean of each row's first `count` values after dropping floor(trim·count) at both ends."""
+    cut = np.floor(trim * count).astype(np.int64)[:, None]
+    position = np.arange(rows.shape[-1])[None, :]
+    weights = ((position >= cut) & (position < count[:, None] - cut)).astype(np.float64)[:, :, None]  # (R, M, 1)
+    kept = weights.sum(axis=1)  # (R, 1)
+    finite = np.minimum(rows, np.finfo(np.float32).max).astype(np.float64)  # +inf padding × 0 weight → 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (values @ weights) / kept  # (R, V, 2): OUT, IN
+        return (finite @ weights)[..., 0] / kept
 
 
 def shadow_stats(shadow_scores, shadow_masks, *, medians=True, trim=None, transform=None, chunk=DEFAULT_CHUNK, threads=None):
@@ -128,14 +107,14 @@ def shadow_stats(shadow_scores, shadow_masks, *, medians=True, trim=None, transf
         out["sd_in"][a:b], out["sd_out"][a:b] = sd[:, 0], sd[:, 1]
         if not medians and trim is None:
             return
-        keys = sorted_keys(chunk_scores, chunk_masks)
+        in_sorted, out_sorted = sorted_groups(chunk_scores, chunk_masks)
         c_out, c_in = n_out[a:b], n_in[a:b]
         if medians:
-            out["median_out"][a:b] = _medians(keys, np.zeros_like(c_out), c_out)
-            out["median_in"][a:b] = _medians(keys, c_out, c_in)
+            out["median_in"][a:b] = _medians(in_sorted, c_in)
+            out["median_out"][a:b] = _medians(out_sorted, c_out)
         if trim is not None:
-            trimmed = _trimmed_means(keys, c_out, trim)
-            out["trimmed_out"][a:b], out["trimmed_in"][a:b] = trimmed[..., 0], trimmed[..., 1]
+            out["trimmed_in"][a:b] = _trimmed_means(in_sorted, c_in, trim)
+            out["trimmed_out"][a:b] = _trimmed_means(out_sorted, c_out, trim)
 
     map_chunks(work, n_records, chunk, threads)
     out["n_in"], out["n_out"] = n_in, n_out

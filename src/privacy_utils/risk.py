@@ -99,8 +99,11 @@ def chunk_moments(chunk_scores, chunk_masks):
     Index 0 of axis 1 is IN, 1 is OUT; NaN where a record has no model in the group. One small
     batched matmul per moment, no transposition of the chunk.
     """
-    # (R, M, V) float64 in the source's memory order; weights (R, 2, M) pick IN / OUT models.
-    x = chunk_scores.transpose(1, 0, 2).astype(np.float64)
+    # (R, M, V) float64, contiguous (a copy with whole 16-view rows inner: cache/TLB friendly);
+    # weights (R, 2, M) pick IN / OUT models.
+    n_models, n_records, n_views = chunk_scores.shape
+    x = np.empty((n_records, n_models, n_views))
+    x[...] = chunk_scores.transpose(1, 0, 2)
     # Centre on one model's value: keeps E[x²] − E[x]² well conditioned for large scores.
     offset = x[:, :1, :].copy()
     x -= offset

@@ -75,12 +75,14 @@ def rmia_from_reference(reference, target_scores, *, gamma=DEFAULT_GAMMA, popula
     tiny = np.finfo(np.float64).tiny
     log_reference = np.log(np.maximum(reference, tiny))
     result = np.zeros(target_scores.shape[:2])
+    log_reference = np.ascontiguousarray(log_reference.T)  # (V, N): one contiguous row per view
     for t, observed in enumerate(target_scores):
-        log_ratio = np.log(np.maximum(observed.astype(np.float64), tiny)) - log_reference
+        log_ratio = np.log(np.maximum(observed.T.astype(np.float64), tiny))
+        log_ratio -= log_reference
         for v in range(n_views):
-            pool = np.sort(log_ratio[population, v])
+            pool = np.sort(log_ratio[v, population])
             # share of z with LR(x)/LR(z) > γ  ⇔  log LR(z) < log LR(x) − log γ
-            result[t] += np.searchsorted(pool, log_ratio[:, v] - np.log(gamma), side="left")
+            result[t] += np.searchsorted(pool, log_ratio[v] - np.log(gamma), side="left")
         result[t] /= n_views * len(population)
     return result[0] if single else result
 
