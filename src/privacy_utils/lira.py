@@ -18,7 +18,7 @@ trimmed means are then gathers and small matmuls on the sorted rows (moments nee
 
 Records with no IN (or no OUT) shadow — common with few shadows — borrow the other Gaussian shifted
 by the median IN−OUT gap over records, with the pooled σ; records with a single IN (OUT) shadow use
-the pooled σ. `shadow_stats` reports how many records needed that.
+the pooled σ; a warning says how many records needed that.
 """
 
 import warnings
@@ -28,6 +28,7 @@ from scipy import special
 
 from src.errors import MedleakError
 from src.privacy_utils.risk import DEFAULT_CHUNK, check_scores_masks, chunk_moments, map_chunks
+
 
 def sorted_groups(chunk_scores, chunk_masks):
     """(M, R, V) scores + (M, R) IN masks → (in_sorted, out_sorted), each (R, V, M) float32.
