@@ -1,0 +1,129 @@
+"""Optimiser, EMA, losses and the default gradient estimator against hand-written loops."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from src.config import TrainConfig
+from src.errors import MedleakError
+from src.train_utils import optim, training
+from src.train_utils.models import create_model
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_zero():
+    config = TrainConfig(learning_rate=0.4, warmup_epochs=2)
+    steps_per_epoch, total = 5, 30
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch, total)
+    warmup = 10
+    for step in range(total + 1):
+        if step < warmup:
+            expected = 0.4 * step / warmup
+        else:
+            expected = 0.4 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        assert float(schedule(step)) == pytest.approx(expected, abs=1e-6), step
+    # Warm-up longer than the run: linear all the way.
+    long_warmup = optim.learning_rate_schedule(TrainConfig(learning_rate=1.0, warmup_epochs=10), 5, 20)
+    assert float(long_warmup(10)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_momentum_with_decoupled_weight_decay_matches_a_hand_loop(nesterov):
+    config = TrainConfig(learning_rate=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01, warmup_epochs=0)
+    total = 4
+    optimizer = optim.make_optimizer(config, steps_per_epoch=2, total_steps=total)
+    params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
+    grads = [{"kernel": jnp.array([[0.3, 0.1]]) * (i + 1), "bias": jnp.array([-0.2]) * (i + 1)} for i in range(3)]
+    state = optimizer.init(params)
+    expected = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    trace = {k: np.zeros_like(v) for k, v in expected.items()}
+    for step, g in enumerate(grads):
+        updates, state = optimizer.update(g, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        lr = 0.1 * 0.5 * (1 + math.cos(math.pi * step / total))
+        for name in expected:
+            grad = np.asarray(g[name], dtype=np.float64)
+            trace[name] = grad + 0.9 * trace[name]
+            direction = grad + 0.9 * trace[name] if nesterov else trace[name]
+            decay = 0.01 * expected[name] if name == "kernel" else 0.0  # kernels only, outside momentum
+            expected[name] = expected[name] - lr * (direction + decay)
+    for name in expected:
+        np.testing.assert_allclose(params[name], expected[name], rtol=1e-5)
+
+
+def test_ema_update():
+    ema = {"w": jnp.array([1.0, 2.0])}
+    params = {"w": jnp.array([3.0, 0.0])}
+    np.testing.assert_allclose(optim.ema_update(ema, params, 0.75)["w"], [1.5, 1.5])
+    assert optim.ema_update(ema, params, 0.0) is params
+
+
+def test_losses_softmax_cross_entropy_and_mean_binary_cross_entropy():
+    logits = jnp.array([[2.0, 0.0, -1.0]])
+    one_hot = jnp.array([[0.0, 1.0, 0.0]])
+    softmax_ce = -math.log(math.exp(0.0) / (math.exp(2.0) + 1 + math.exp(-1.0)))
+    assert float(training.per_example_loss(logits, one_hot, "multiclass")[0]) == pytest.approx(softmax_ce, rel=1e-5)
+    multi = jnp.array([[1.0, 1.0, 0.0]])
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))
+    bce = -(math.log(sigmoid(2.0)) + math.log(sigmoid(0.0)) + math.log(1 - sigmoid(-1.0))) / 3
+    assert float(training.per_example_loss(logits, multi, "multilabel")[0]) == pytest.approx(bce, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_problem():
+    model = create_model("small_cnn", 3, norm="group")
+    images = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
+    labels = jax.nn.one_hot(jnp.array([0, 1, 2, 0, 1, 2, 0, 1]), 3)
+    params = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(images[:1])["params"]
+    return training.ModelLoss(model, "multiclass"), params, images, labels
+
+
+def test_mean_gradient_masks_padded_slots_accumulates_and_equals_per_example_mean(tiny_problem):
+    model_loss, params, images, labels = tiny_problem
+    mask = jnp.array([True] * 6 + [False] * 2)
+
+    @jax.jit
+    def estimates(params, images, labels):
+        batch = {"indices": jnp.arange(8), "mask": mask}
+        whole = training.mean_gradient(1)(model_loss, params, {}, images, labels, batch, None)
+        accumulated = training.mean_gradient(2)(model_loss, params, {}, images, labels, batch, None)
+        # The DP-style path: per-example gradients of the real examples, averaged.
+        per_example = jax.vmap(jax.grad(model_loss.example_loss), in_axes=(None, 0, 0))(params, images[:6], labels[:6])
+        return whole, accumulated, jax.tree.map(lambda g: g.mean(axis=0), per_example)
+
+    (grads, _, info), (grads_acc, _, info_acc), per_example_mean = estimates(params, images, labels)
+    for a, b, c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_acc), jax.tree.leaves(per_example_mean)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(a, c, rtol=2e-4, atol=1e-6)
+    assert float(info["loss"]) == pytest.approx(float(info_acc["loss"]), rel=1e-5)
+    # Garbage in the padded slots changes nothing.
+    garbage = images.at[6:].set(1e3)
+    garbage_grads = estimates(params, garbage, labels)[0][0]
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(garbage_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_per_example_loss_refuses_batch_norm():
+    model_loss = training.ModelLoss(create_model("small_cnn", 2, norm="batch"), "multiclass")
+    with pytest.raises(MedleakError, match="--norm=group"):
+        model_loss.example_loss({}, jnp.zeros((8, 8, 1)), jnp.zeros(2))
+
+
+def test_epoch_schedule_has_fixed_shape_and_uses_rows_evenly():
+    rng = np.random.default_rng(0)
+    for n_rows in (45, 50, 56):  # runs of one campaign differ slightly in size
+        rows = rng.choice(200, n_rows, replace=False)
+        batches = training.epoch_schedule(rows, np.random.default_rng(1), batch_size=8, steps_per_epoch=7, epochs=3)
+        assert batches["indices"].shape == (21, 8) and batches["indices"].dtype == np.int32
+        assert batches["mask"].all()
+        assert set(batches["indices"].ravel()) <= set(rows)
+        counts = np.bincount(batches["indices"].ravel(), minlength=200)[rows]
+        assert counts.max() - counts.min() <= 1  # every row used equally often, to within one
+        # Within each pass over the data no row repeats before all were seen.
+        stream = batches["indices"].ravel()
+        assert len(set(stream[:n_rows])) == n_rows
+    assert training.steps_per_epoch(100, 32) == 4
+    with pytest.raises(MedleakError, match="no training records"):
+        training.epoch_schedule(np.array([], dtype=int), rng, batch_size=8, steps_per_epoch=2, epochs=1)
