@@ -67,7 +67,8 @@ def test_records_inherit_their_patients_bit():
 def test_run_seeds_differ_between_runs_and_campaigns():
     seeds = {plan.run_seed(0, run) for run in range(100)} | {plan.run_seed(1, run) for run in range(100)}
     assert len(seeds) == 200
-    assert plan.run_seed(5, 7) == plan.run_seed(5, 7)
+    assert plan.run_seed(5, 7) == plan.run_seed(5, 7) == plan.run_seed(5, 7, attempt=1)
+    assert len({plan.run_seed(5, 7, attempt) for attempt in (1, 2, 3)}) == 3  # retries re-seed
 
 
 def make_tables(n_patients=6, images_per_patient=2):

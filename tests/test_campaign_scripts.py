@@ -107,7 +107,7 @@ def start_script(dataset, *flags):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_mimic_embed_fairvision_campaigns_and_eval_only_side_by_side(tmp_path):
+def test_mimic_embed_fairvision_campaigns_eval_only_and_a_diverging_run_side_by_side(tmp_path):
     # Four scripts at once: each process pays JAX's import and one compile; run together they
     # share the cores instead of queueing (and share nothing else: separate logdirs and caches).
     workers = {}
@@ -119,6 +119,11 @@ def test_mimic_embed_fairvision_campaigns_and_eval_only_side_by_side(tmp_path):
     eval_logdir = tmp_path / "eval" / "logs"
     workers["eval_only"] = start_script("fitzpatrick", f"--data_root={data_root}", f"--logdir={eval_logdir}",
                                         f"--cache_dir={tmp_path / 'eval' / 'cache'}", "--eval_only", *TINY)
+    # a diverging configuration: the NaN loss is recorded, retried with a fresh seed, then reported
+    nan_logdir = tmp_path / "eval" / "nan_logs"
+    workers["diverged"] = start_script("fitzpatrick", f"--data_root={data_root}", f"--logdir={nan_logdir}",
+                                       f"--cache_dir={tmp_path / 'eval' / 'cache'}", "--n_runs=1", "--subset_ratio=0.6",
+                                       "--max_attempts=2", *TINY, "--epochs=4", "--learning_rate=1e30")
     outputs = {name: proc.communicate(timeout=300) for name, proc in workers.items()}
     for name, proc in workers.items():
         assert proc.returncode == 0, (name, outputs[name][1][-3000:])
@@ -135,3 +140,11 @@ def test_mimic_embed_fairvision_campaigns_and_eval_only_side_by_side(tmp_path):
     assert metrics["eval_only"] is True and metrics["train_out"] is None
     assert metrics["test"]["n"] == np.load(out / "test_logits.npy", allow_pickle=False).shape[0]
     assert not (eval_logdir / "plan.json").exists() and not (eval_logdir / "runs").exists()
+
+    assert "nothing left to claim · run 0/1 done · 0 in progress · 1 failed" in outputs["diverged"][0]
+    run = json.loads((nan_logdir / "queue" / "queue.json").read_text())["runs"][0]
+    assert (run["status"], run["attempts"]) == ("failed", 2)
+    errors = [e["error"] for e in run["errors"]]
+    assert all(e.startswith("TrainingDiverged: training loss became nan") for e in errors)
+    assert errors[0].split("(seed ")[1] != errors[1].split("(seed ")[1]  # the retry used a fresh seed
+    assert rundir.list_complete_runs(nan_logdir) == [] and not list((nan_logdir / "runs").glob(".tmp-*"))

@@ -91,7 +91,8 @@ def worker_main(cfg):
         test_features, test_labels = toy_features(test)
         _, patient_index = plan.patient_index(train.df["patient_id"])
 
-        def do_run(run_index):
+        def do_run(claim):
+            run_index = claim.run_index
             emit(cfg["events"], kind="start", run=run_index)
             starts = sum(e["kind"] == "start" and e["run"] == run_index for e in read_events(cfg["events"]))
             if run_index in cfg.get("fail_always", []) or (run_index in cfg.get("fail_once", []) and starts == 1):

@@ -139,10 +139,12 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
         return RunTrainer(train_table, test_table, train_config, data_root, expected_train_size=expected,
                           cache_dir=cache_dir, cache_workers=cache_workers, log=log)
 
-    def do_run(run_index: int) -> Path:
+    def do_run(claim) -> Path:
+        run_index = claim.run_index
         mask = plan.record_mask(patient_mask[run_index], record_patient_index)
-        contents = run_trainer().train_and_infer(mask, plan.run_seed(campaign_config.seed, run_index))
-        contents["metrics"].update(run=run_index, dataset=dataset)
+        seed = plan.run_seed(campaign_config.seed, run_index, claim.attempt)
+        contents = run_trainer().train_and_infer(mask, seed)
+        contents["metrics"].update(run=run_index, dataset=dataset, attempt=claim.attempt)
         _log_test_metrics(log, rundir.run_dir_name(run_index), contents["metrics"])
         return rundir.write_run_tmp(logdir, run_index, **contents)
 

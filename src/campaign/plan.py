@@ -68,9 +68,14 @@ def record_mask(patient_mask_row: np.ndarray, record_patient_index: np.ndarray) 
     return np.asarray(patient_mask_row, dtype=bool)[np.asarray(record_patient_index)]
 
 
-def run_seed(campaign_seed: int, run_index: int) -> int:
-    """Training seed of one run, derived from the campaign seed (independent streams per run)."""
-    return int(np.random.SeedSequence([int(campaign_seed), int(run_index)]).generate_state(1)[0] >> 1)
+def run_seed(campaign_seed: int, run_index: int, attempt: int = 1) -> int:
+    """Training seed of one run, derived from the campaign seed (independent streams per run).
+
+    A retried attempt (e.g. after a NaN loss, which the same seed would reproduce) gets a fresh
+    seed; the seed actually used is recorded in the run's metrics.json.
+    """
+    entropy = [int(campaign_seed), int(run_index)] + ([int(attempt)] if attempt > 1 else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
 
 
 def plan_document(dataset: str, train_table, test_table, train_config, *, n_runs: int,

@@ -306,7 +306,8 @@ class WorkSummary:
 def work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
     """Claims and runs runs until none is claimable.
 
-    `do_run(run_index) -> tmp_dir` trains one run and writes it with `rundir.write_run_tmp`; the
+    `do_run(claim) -> tmp_dir` trains run `claim.run_index` (attempt `claim.attempt`) and writes it
+    with `rundir.write_run_tmp`; the
     loop renames it into place. Exceptions are recorded as failed attempts and the loop goes on; a
     `MedleakError` (bad input: every run would fail the same way) is recorded and re-raised.
     """
@@ -322,7 +323,7 @@ def work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
         started = time.time()
         try:
             with Heartbeat(queue, claim, log=log):
-                tmp_dir = do_run(claim.run_index)
+                tmp_dir = do_run(claim)
             committed = queue.complete(claim, tmp_dir)
         except (KeyboardInterrupt, SystemExit):
             queue.release(claim)
