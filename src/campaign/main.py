@@ -168,6 +168,10 @@ def run_eval_only(dataset: str, *, data_root, logdir, train_config, campaign_con
                                  **contents)
     rundir.replace_dir(tmp, final)
     _log_test_metrics(log, "eval_only", contents["metrics"])
+    for name, groups in contents["metrics"]["test"]["subgroups"].items():
+        for value, group in groups.items():
+            log(f"  test {name}={value}: n={group['n']} · accuracy {_fmt(group['accuracy'])} · "
+                f"macro AUROC {_fmt(group['macro_auroc'])}")
     log(f"wrote {final}")
     return contents["metrics"]
 
