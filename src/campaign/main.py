@@ -63,7 +63,7 @@ class RunTrainer:
         from src.data_utils.image_cache import cached_images
 
         started = time.time()
-        self.train_table, self.test_table, self.config = train_table, test_table, train_config
+        self.train_table, self.test_table, self.config, self.log = train_table, test_table, train_config, log
         train_images, cached_train = cached_images(train_table, data_root, train_config.img_size,
                                                    cache_dir=cache_dir, num_workers=cache_workers)
         test_images, cached_test = cached_images(test_table, data_root, train_config.img_size,
@@ -75,8 +75,8 @@ class RunTrainer:
         log(f"images ready: train {train_images.shape}, test {test_images.shape} ({self.cache_seconds:.1f} s)")
         self.train_labels = train_table.labels()
         self.test_labels = test_table.labels()
-        self.trainer = _build_trainer(train_config, train_images, self.train_labels, train_table, test_images,
-                                      self.test_labels, expected_train_size)
+        self.trainer, self.dp = _build_trainer(train_config, train_images, self.train_labels, train_table,
+                                               test_images, self.test_labels, expected_train_size)
         self.test_subgroups = {name: test_table.df[name].to_numpy() for name in test_table.subgroups}
 
     def train_and_infer(self, record_mask: np.ndarray, seed: int) -> dict:
@@ -84,8 +84,15 @@ class RunTrainer:
         from src.train_utils.metrics import classification_metrics
 
         task = self.train_table.task
+        train_indices = np.flatnonzero(record_mask)
+        dp_summary = None
+        if self.dp is not None:
+            from src.dp.accounting import format_summary
+
+            dp_summary = self.dp.summary(train_indices)
+            self.log(format_summary(dp_summary))
         started = time.time()
-        model = self.trainer.train(np.flatnonzero(record_mask), seed, progress=sys.stderr.isatty())
+        model = self.trainer.train(train_indices, seed, progress=sys.stderr.isatty())
         trained = time.time()
         train_logits = np.asarray(self.trainer.infer_train_views(model), dtype=np.float32)
         test_logits = np.asarray(self.trainer.infer_test(model), dtype=np.float32)
@@ -103,7 +110,7 @@ class RunTrainer:
             "config": self.config.to_dict(),
             "timings": dict(model.timings, train_seconds=trained - started, infer_seconds=inferred - trained,
                             compile_seconds_total=dict(self.trainer.compile_seconds)),
-            "dp": None,
+            "dp": dp_summary,
         }
         metrics.update(rundir.environment_info())
         return dict(train_logits=train_logits, train_labels=self.train_labels, record_mask=record_mask,
@@ -111,13 +118,24 @@ class RunTrainer:
 
 
 def _build_trainer(config, train_images, train_labels, train_table, test_images, test_labels, expected_train_size):
-    """The Trainer of this worker (compiled on its first run)."""
-    from src.train_utils.training import Trainer
+    """(the worker's Trainer, its DpTraining or None); the Trainer compiles on its first run.
 
-    if config.dp:
-        raise MedleakError("--epsilon: DP-SGD training is not wired into the campaign yet; leave --epsilon at inf")
-    return Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
-                   expected_train_size=expected_train_size)
+    With --epsilon set, DP-SGD (src/dp) replaces the batch schedule (Poisson sampling of records or
+    patients) and the gradient estimator (clip, sum, add noise); nothing else changes.
+    """
+    from src.train_utils.training import Trainer, steps_per_epoch
+
+    if not config.dp:
+        return Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
+                       expected_train_size=expected_train_size), None
+    from src.dp.estimator import DpTraining
+
+    dp = DpTraining(config, train_table.df["patient_id"].astype(str).to_numpy(),
+                    steps_per_epoch(expected_train_size, config.batch_size))
+    trainer = Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
+                      expected_train_size=expected_train_size, schedule_fn=dp.schedule_fn,
+                      gradient_estimator=dp.gradient_estimator)
+    return trainer, dp
 
 
 def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
