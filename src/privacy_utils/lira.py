@@ -12,9 +12,10 @@ over records and views), which is more stable with few shadows.
 
 Shadows are the same for every target, so the per-record statistics are computed once
 (`shadow_stats`) and reused for all targets and all variants. The medians are exact: per chunk of
-records the scores are transposed to (records, views, models), IN and OUT values separated by
-adding +inf to the other group, and each sorted once along the contiguous model axis; medians and
-trimmed means are then gathers and small matmuls on the sorted rows (moments need no sort).
+records the scores are staged once as (records, models, views) — the only pass over main memory —
+then, in cache, transposed to (records, views, models) with +inf added to the other group, and
+sorted along the contiguous model axis; medians and trimmed means are gathers and small matmuls on
+the sorted rows, and the moments come from the same staged copy.
 
 Records with no IN (or no OUT) shadow — common with few shadows — borrow the other Gaussian shifted
 by the median IN−OUT gap over records, with the pooled σ; records with a single IN (OUT) shadow use
@@ -27,30 +28,27 @@ import numpy as np
 from scipy import special
 
 from src.errors import MedleakError
-from src.privacy_utils.risk import DEFAULT_CHUNK, check_scores_masks, chunk_moments, map_chunks
+from src.privacy_utils.risk import DEFAULT_CHUNK, check_scores_masks, chunk_moments, map_chunks, stage
 
 
-def sorted_groups(chunk_scores, chunk_masks):
-    """(M, R, V) scores + (M, R) IN masks → (in_sorted, out_sorted), each (R, V, M) float32.
+def sorted_groups(staged, chunk_masks):
+    """Staged (R, M, V) scores (`risk.stage`) + (M, R) IN masks → (in_sorted, out_sorted), (R, V, M).
 
     Row (r, v) of `in_sorted` holds the IN models' values ascending, then +inf for the OUT models;
-    `out_sorted` the other way round. The chunk is transposed in two steps — a copy with 64-byte
-    inner rows to (R, M, V), then an in-cache transpose to (R, V, M) — which is much cheaper than
-    one strided transpose from the (models, records, views) layout; the groups are separated by
-    adding 0 / +inf per model (a fast broadcast add) before two float32 sorts.
+    `out_sorted` the other way round. Each is one in-cache transposing add (0 / +inf per model)
+    followed by a sort along the contiguous model axis.
     """
-    n_models, n_records, n_views = chunk_scores.shape
-    staged = np.empty((n_records, n_models, n_views), dtype=np.float32)
-    staged[...] = chunk_scores.transpose(1, 0, 2)
-    values = np.empty((n_records, n_views, n_models), dtype=np.float32)
-    values[...] = staged.transpose(0, 2, 1)
-    del staged
-    hide_out = np.where(chunk_masks.T, np.float32(0), np.float32(np.inf))[:, None, :]  # (R, 1, M)
-    in_sorted = values + hide_out
+    n_records, n_models, n_views = staged.shape
+    by_view = staged.transpose(0, 2, 1)
+    hide_out = np.where(chunk_masks.T, 0.0, np.inf).astype(staged.dtype)[:, None, :]  # (R, 1, M)
+    hide_in = np.where(chunk_masks.T, np.inf, 0.0).astype(staged.dtype)[:, None, :]
+    in_sorted = np.empty((n_records, n_views, n_models), dtype=staged.dtype)
+    np.add(by_view, hide_out, out=in_sorted)
     in_sorted.sort(axis=-1)
-    values += np.where(chunk_masks.T, np.float32(np.inf), np.float32(0))[:, None, :]
-    values.sort(axis=-1)
-    return in_sorted, values
+    out_sorted = np.empty_like(in_sorted)
+    np.add(by_view, hide_in, out=out_sorted)
+    out_sorted.sort(axis=-1)
+    return in_sorted, out_sorted
 
 
 def _medians(rows, count):
@@ -101,14 +99,15 @@ def shadow_stats(shadow_scores, shadow_masks, *, medians=True, trim=None, transf
 
     def work(a, b):
         chunk_scores, chunk_masks = shadow_scores[:, a:b], shadow_masks[:, a:b]
+        staged = stage(chunk_scores)
         if transform is not None:
-            chunk_scores = transform(chunk_scores)
-        mean, sd = chunk_moments(chunk_scores, chunk_masks)
+            staged = transform(staged)
+        mean, sd = chunk_moments(staged, chunk_masks)
         out["mean_in"][a:b], out["mean_out"][a:b] = mean[:, 0], mean[:, 1]
         out["sd_in"][a:b], out["sd_out"][a:b] = sd[:, 0], sd[:, 1]
         if not medians and trim is None:
             return
-        in_sorted, out_sorted = sorted_groups(chunk_scores, chunk_masks)
+        in_sorted, out_sorted = sorted_groups(staged, chunk_masks)
         c_out, c_in = n_out[a:b], n_in[a:b]
         if medians:
             out["median_in"][a:b] = _medians(in_sorted, c_in)

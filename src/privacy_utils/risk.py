@@ -25,7 +25,7 @@ from scipy import special, stats
 from src.errors import MedleakError
 
 RISK_THRESHOLDS = (0.6, 0.7, 0.8, 0.9)
-DEFAULT_CHUNK = 256  # records per chunk: (200 models × 256 × 16 views) float32 ≈ 3 MB, cache-friendly
+DEFAULT_CHUNK = 64  # records per chunk: (200 models × 64 × 16 views) float32 ≈ 0.8 MB, stays in cache
 
 
 def n_threads() -> int:
@@ -84,7 +84,7 @@ def in_out_moments(scores, masks, chunk=DEFAULT_CHUNK, threads=None):
     out = {k: np.empty((n_records, n_views)) for k in ("mean_in", "sd_in", "mean_out", "sd_out")}
 
     def work(a, b):
-        mean, sd = chunk_moments(scores[:, a:b], masks[:, a:b])
+        mean, sd = chunk_moments(stage(scores[:, a:b]), masks[:, a:b])
         out["mean_in"][a:b], out["mean_out"][a:b] = mean[:, 0], mean[:, 1]
         out["sd_in"][a:b], out["sd_out"][a:b] = sd[:, 0], sd[:, 1]
 
@@ -93,21 +93,29 @@ def in_out_moments(scores, masks, chunk=DEFAULT_CHUNK, threads=None):
     return out
 
 
-def chunk_moments(chunk_scores, chunk_masks):
-    """(M, R, V) scores + (M, R) masks → IN/OUT (mean, population sd), each (R, 2, V) float64.
+def stage(chunk_scores):
+    """(M, R, V) chunk of a (models, records, views) array → contiguous (R, M, V) copy.
 
-    Index 0 of axis 1 is IN, 1 is OUT; NaN where a record has no model in the group. One small
-    batched matmul per moment, no transposition of the chunk.
+    The copy's inner loop moves whole rows of V views (64 bytes for 16 float32 views), which is
+    several times faster than transposing straight to (R, V, M); later steps work in cache.
     """
-    # (R, M, V) float64, contiguous (a copy with whole 16-view rows inner: cache/TLB friendly);
-    # weights (R, 2, M) pick IN / OUT models.
     n_models, n_records, n_views = chunk_scores.shape
-    x = np.empty((n_records, n_models, n_views))
-    x[...] = chunk_scores.transpose(1, 0, 2)
+    staged = np.empty((n_records, n_models, n_views), dtype=chunk_scores.dtype)
+    staged[...] = chunk_scores.transpose(1, 0, 2)
+    return staged
+
+
+def chunk_moments(staged, chunk_masks):
+    """Staged (R, M, V) scores + (M, R) masks → IN/OUT (mean, population sd), each (R, 2, V) float64.
+
+    Index 0 of axis 1 is IN, 1 is OUT; NaN where a record has no model in the group. Float64
+    accumulation through two small batched matmuls.
+    """
+    x = staged.astype(np.float64)
     # Centre on one model's value: keeps E[x²] − E[x]² well conditioned for large scores.
     offset = x[:, :1, :].copy()
     x -= offset
-    weights = np.stack([chunk_masks.T, ~chunk_masks.T], axis=1).astype(np.float64)
+    weights = np.stack([chunk_masks.T, ~chunk_masks.T], axis=1).astype(np.float64)  # (R, 2, M)
     counts = weights.sum(axis=2, keepdims=True)
     sums = weights @ x
     np.square(x, out=x)
