@@ -169,3 +169,11 @@ def test_bad_inputs_raise_user_errors(data):
         trainer.schedule(np.array([0, N_TRAIN]), seed=0)
     with pytest.raises(MedleakError, match="without test images"):
         trainer.infer_test(None)
+
+
+def test_dp_config_without_a_dp_estimator_is_refused(data):
+    (train_images, train_labels), _ = data
+    with pytest.raises(MedleakError, match="DP-SGD"):
+        Trainer(config(epsilon=8.0), train_images, train_labels, "multiclass")
+    with pytest.raises(MedleakError, match="--ema_decay"):
+        Trainer(config(ema_decay=1.0), train_images, train_labels, "multiclass")

@@ -18,8 +18,9 @@ The step is factored in three replaceable parts so DP-SGD (src/dp/) plugs in wit
    `epoch_schedule`, cuts a stream of epoch permutations into a fixed number of full batches
    (`steps_per_epoch` from `expected_train_size`, so runs with a few more or fewer rows keep the
    same shapes). A Poisson sampler returns padded batches of a fixed maximum size with the mask set.
-   Extra (S, B, ...) entries (e.g. `"group"`: a patient's slot within the batch, for patient-level
-   clipping) are passed through to the gradient estimator untouched. All runs of a Trainer must
+   Extra entries with a leading step axis, (S, ...) (e.g. a per-step noise multiplier, or a
+   per-slot patient id for patient-level clipping), reach the gradient estimator as that step's
+   slice, untouched. All runs of a Trainer must
    produce the same shapes (a new shape compiles a new program).
 2. **Per-example loss** — `ModelLoss.example_loss(params, image, label) -> scalar` (one
    normalised, augmented image; GroupNorm models only) so `jax.vmap(jax.grad(example_loss))` gives
@@ -166,7 +167,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: dict
     model_state: dict  # {"batch_stats": ...} for BatchNorm models, {} otherwise
     opt_state: tuple
-    ema_params: dict
+    ema_params: dict | None  # None when EMA is disabled (ema_decay = 0)
 
 
 def make_train_step(model_loss: ModelLoss, optimizer, estimator, preset: str, ema_decay: float):
@@ -185,7 +186,7 @@ def make_train_step(model_loss: ModelLoss, optimizer, estimator, preset: str, em
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
-            ema_params=optim.ema_update(state.ema_params, params, ema_decay))
+            ema_params=None if state.ema_params is None else optim.ema_update(state.ema_params, params, ema_decay))
         return new_state, step_metrics
 
     return step
@@ -221,7 +222,7 @@ class TrainedModel:
     """One trained model: final and EMA parameters, model state, per-step losses and timings."""
 
     params: dict
-    ema_params: dict
+    ema_params: dict  # the final parameters themselves when EMA is disabled
     model_state: dict
     seed: int
     n_train: int
@@ -235,7 +236,10 @@ class TrainedModel:
 
 
 @dataclasses.dataclass
-class _Program:
+class TrainProgram:
+    """Compiled programs for one schedule shape: `init(seed) -> TrainState` and
+    `chunk(state, images, labels, batches, seed) -> (state, {"loss": (chunk_steps,)})`."""
+
     init: object
     chunk: object
     chunk_steps: int
@@ -288,6 +292,12 @@ class Trainer:
         train_images, train_labels = _check_arrays("training", train_images, train_labels, config)
         if config.batch_size < 1 or config.epochs < 1:
             raise MedleakError("--batch_size and --epochs must be at least 1")
+        if not 0.0 <= config.ema_decay < 1.0:
+            raise MedleakError(f"--ema_decay={config.ema_decay} must be in [0, 1) (0 disables the EMA)")
+        if config.dp and gradient_estimator is None:
+            # Never train a model that claims a privacy budget without the DP estimator.
+            raise MedleakError(f"--epsilon={config.epsilon} asks for DP-SGD: build the Trainer with the DP "
+                               f"gradient estimator and sampler from src/dp")
         if config.grad_accum < 1 or config.batch_size % config.grad_accum:
             raise MedleakError(f"--grad_accum={config.grad_accum} must be >= 1 and divide "
                                f"--batch_size={config.batch_size}")
@@ -330,7 +340,7 @@ class Trainer:
         batches = self.schedule_fn(train_indices, np.random.default_rng([_seed32(seed), _STEP_STREAM]))
         return {name: np.asarray(value) for name, value in batches.items()}
 
-    def _program(self, batches: dict) -> _Program:
+    def compiled_program(self, batches: dict) -> TrainProgram:
         """The compiled init and chunk programs for this schedule shape (compiled on first use)."""
         signature = tuple(sorted((name, value.shape, value.dtype.str) for name, value in batches.items()))
         if signature in self._programs:
@@ -346,7 +356,8 @@ class Trainer:
             variables = self.model.init(key, sample, train=False)
             params = variables.pop("params")
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
-                              opt_state=optimizer.init(params), ema_params=params)
+                              opt_state=optimizer.init(params),
+                              ema_params=params if self.config.ema_decay > 0 else None)
 
         step = make_train_step(self.model_loss, optimizer, self.gradient_estimator, self.config.augment,
                                self.config.ema_decay)
@@ -359,7 +370,7 @@ class Trainer:
         chunk_compiled = jax.jit(make_train_chunk(step, chunk_steps), donate_argnums=0).lower(
             state_spec, self.images, self.labels, chunk_spec, seed_spec).compile()
         self.compile_seconds["train"] = self.compile_seconds.get("train", 0.0) + time.perf_counter() - started
-        program = _Program(init_compiled, chunk_compiled, chunk_steps, n_steps, batch_size)
+        program = TrainProgram(init_compiled, chunk_compiled, chunk_steps, n_steps, batch_size)
         self._programs[signature] = program
         return program
 
@@ -371,7 +382,7 @@ class Trainer:
         started = time.perf_counter()
         batches = self.schedule(train_indices, seed)
         compile_before = self.compile_seconds.get("train", 0.0)
-        program = self._program(batches)
+        program = self.compiled_program(batches)
         compile_seconds = self.compile_seconds.get("train", 0.0) - compile_before
         seed32 = np.uint32(_seed32(seed))
         state = program.init(seed32)
@@ -407,7 +418,8 @@ class Trainer:
             "batch_size": program.batch_size,
         }
         return TrainedModel(
-            params=state.params, ema_params=state.ema_params, model_state=state.model_state,
+            params=state.params, model_state=state.model_state,
+            ema_params=state.params if state.ema_params is None else state.ema_params,
             seed=int(seed), n_train=int(np.asarray(train_indices).size),
             losses=np.concatenate(losses), timings=timings)
 
