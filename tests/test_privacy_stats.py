@@ -271,12 +271,12 @@ def slow_rmia(shadow_p, masks, target_p, population, gamma, offline, a, trim):
             outs = [float(x) for x, m in zip(shadow_p[:, r, v], masks[:, r]) if not m]
             t_in, t_out = scipy_stats.trim_mean(ins, trim), scipy_stats.trim_mean(outs, trim)
             ref[r, v] = 0.5 * ((1 + a) * t_out + (1 - a)) if offline else 0.5 * (t_in + t_out)
+    def ratio(r):  # views averaged: mean p over views / mean Pr over views
+        return sum(float(target_p[r, v]) for v in range(n_views)) / sum(ref[r, v] for v in range(n_views))
+
     result = np.zeros(n_records)
     for r in range(n_records):
-        for v in range(n_views):
-            ratio_x = target_p[r, v] / ref[r, v]
-            hits = sum(1 for z in population if ratio_x / (target_p[z, v] / ref[z, v]) > gamma)
-            result[r] += hits / len(population) / n_views
+        result[r] = sum(1 for z in population if ratio(r) / ratio(z) > gamma) / len(population)
     return result
 
 

@@ -10,13 +10,14 @@ where the means over shadows can be **trimmed means** (`trim` > 0 drops floor(tr
 each end, so a few degenerate shadow models cannot dominate; the audit uses trim = 0.1). The array
 API's default, trim = 0, is the paper's plain mean and needs no sort (moments only).
 
-For a target model θ the likelihood ratio is
-LR(x) = p(x|θ) / Pr(x), and the score of x is the share of population records z with
-LR(x) / LR(z) > γ, averaged over views. The population is a fixed random subset of the records
+For a target model θ the likelihood ratio is LR(x) = mean_v p_v(x|θ) / mean_v Pr_v(x) (views
+averaged: the probability of x under augmentation), and the score of x is the share of population
+records z with LR(x) / LR(z) > γ. The population is a fixed random subset of the records
 (`n_population`, seeded), the same for all targets — the attacker's pool of other records.
 
-With a fixed population one view's score is a monotone function of LR(x); views, γ and `a` are
-what make RMIA differ from thresholding LR. Offline `a` is tuned (`tune_offline_a`) on a shadow
+With one fixed population the score is a monotone function of LR(x), so γ and the population
+size shape the score's scale, not the ROC; Pr(x) (and offline `a`) is what makes RMIA differ
+from thresholding p(x|θ). Offline `a` is tuned (`tune_offline_a`) on a shadow
 model used as a pretend target, never on an evaluated target.
 """
 
@@ -60,7 +61,11 @@ def population_indices(n_records, n_population=DEFAULT_POPULATION, seed=0):
 
 
 def rmia_from_reference(reference, target_scores, *, gamma=DEFAULT_GAMMA, population=None):
-    """RMIA scores (n_targets, n_records) in [0, 1] from Pr(x) (n_records, n_views) and p(x|θ)."""
+    """RMIA scores (n_targets, n_records) in [0, 1] from Pr(x) (n_records, n_views) and p(x|θ).
+
+    Views are averaged first: LR(x) = mean_v p_v(x|θ) / mean_v Pr_v(x) (probability of x under
+    augmentation); the score is the share of population records z with LR(x) / LR(z) > γ.
+    """
     target_scores = np.asarray(target_scores)
     single = target_scores.ndim == 2
     if single:
@@ -73,17 +78,13 @@ def rmia_from_reference(reference, target_scores, *, gamma=DEFAULT_GAMMA, popula
     if population is None:
         population = population_indices(n_records)
     tiny = np.finfo(np.float64).tiny
-    log_reference = np.log(np.maximum(reference, tiny))
-    result = np.zeros(target_scores.shape[:2])
-    log_reference = np.ascontiguousarray(log_reference.T)  # (V, N): one contiguous row per view
+    log_reference = np.log(np.maximum(reference.mean(axis=1), tiny))
+    result = np.empty(target_scores.shape[:2])
     for t, observed in enumerate(target_scores):
-        log_ratio = np.log(np.maximum(observed.T.astype(np.float64), tiny))
-        log_ratio -= log_reference
-        for v in range(n_views):
-            pool = np.sort(log_ratio[v, population])
-            # share of z with LR(x)/LR(z) > γ  ⇔  log LR(z) < log LR(x) − log γ
-            result[t] += np.searchsorted(pool, log_ratio[v] - np.log(gamma), side="left")
-        result[t] /= n_views * len(population)
+        log_ratio = np.log(np.maximum(observed.mean(axis=1, dtype=np.float64), tiny)) - log_reference
+        pool = np.sort(log_ratio[population])
+        # share of z with LR(x)/LR(z) > γ  ⇔  log LR(z) < log LR(x) − log γ
+        result[t] = np.searchsorted(pool, log_ratio - np.log(gamma), side="left") / len(population)
     return result[0] if single else result
 
 
