@@ -1,4 +1,4 @@
-"""Per-unit clipping, Gaussian noise and the DP gradient estimator (src/dp/{clipping,noise,estimator})."""
+"""Per-unit clipping, Gaussian noise and the DP gradient estimator (src/dp/)."""
 
 import dataclasses
 

@@ -20,7 +20,8 @@ def test_batch_shape_record_and_patient_levels():
     shape = sampling.batch_shape(np.arange(1000), 50, unit="record")
     assert shape.records_per_unit == 1 and shape.expected_units == 50
     assert shape.batch_slots == shape.max_units
-    assert sampling.truncation_probability(1000, 0.05, shape.max_units) <= sampling.DEFAULT_TAIL_PROB
+    tail = sampling.truncation_probability(1000, 0.05, shape.max_units)
+    assert tail <= sampling.DEFAULT_TAIL_PROB
     # 300 patients with 1..4 images; cap 4 covers everybody: 2.5 images on average.
     patient_ids = np.repeat(np.arange(300), np.tile([1, 2, 3, 4], 75))
     shape = sampling.batch_shape(patient_ids, 25, unit="patient", records_per_unit=4, grad_accum=4)
@@ -47,8 +48,8 @@ def test_patient_batches_hold_whole_patients_in_their_slot_rows():
     perm = rng.permutation(len(patient_of_record))
     rows, run_patients = 1000 + perm, patient_of_record[perm]
     shape = sampling.BatchShape(max_units=40, records_per_unit=4, expected_units=20.0)
-    schedule = sampling.make_schedule(shape, n_patients, epochs=2)
-    assert schedule.steps == 20
+    schedule = sampling.make_schedule(shape, n_patients, steps=20)
+    assert schedule.sampling_rate == pytest.approx(0.1)
     patient_of_row = dict(zip(rows.tolist(), run_patients.tolist()))
     seen_per_patient = np.zeros(n_patients)
     batches = list(sampling.poisson_batches(schedule, rows, run_patients, seed=3))
@@ -98,7 +99,7 @@ def test_poisson_inclusion_rate_and_batch_size_distribution():
 def test_overflow_truncates_to_a_uniform_subset():
     n, steps = 100, 3000
     shape = sampling.BatchShape(max_units=5, records_per_unit=1, expected_units=10.0)
-    schedule = sampling.make_schedule(shape, n, epochs=300)
+    schedule = sampling.make_schedule(shape, n, steps=steps)
     assert schedule.steps == steps and schedule.truncation_prob > 0.9
     hits = np.zeros(n)
     for indices, mask in sampling.poisson_batches(schedule, np.arange(n), np.arange(n), seed=2):
@@ -123,4 +124,4 @@ def test_capped_patients_contribute_a_fresh_random_subset():
 def test_make_schedule_refuses_too_few_units():
     shape = sampling.BatchShape(max_units=8, records_per_unit=1, expected_units=5.0)
     with pytest.raises(MedleakError, match="batch_size"):
-        sampling.make_schedule(shape, 3, epochs=1)
+        sampling.make_schedule(shape, 3, steps=10)

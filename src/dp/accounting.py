@@ -96,8 +96,8 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sampling_rate: floa
     """Smallest sigma (within a relative `rel_tol`) whose PLD epsilon at `delta` is <= `epsilon`.
 
     The search runs on the plain Poisson event (several times cheaper); with n_units/max_units
-    the result is then checked with the exact truncated event and nudged up until it complies
-    (truncation at probability ~1e-6 per step moves epsilon by ~1e-5 relative).
+    the result is then checked with the exact truncated event (truncation at probability ~1e-6
+    per step moves epsilon by ~1e-5 relative) and searched again on it if it does not comply.
     """
     if not epsilon > 0:
         raise MedleakError(f"--epsilon must be > 0 (or inf to disable DP), got {epsilon}")
@@ -123,16 +123,21 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sampling_rate: floa
         target_epsilon=float(epsilon), target_delta=float(delta),
         bracket_interval=dp_accounting.ExplicitBracketInterval(lower, upper),
         tol=rel_tol * upper))
-    if n_units is not None and max_units is not None:
-        for _ in range(50):
-            spent = spent_epsilon(sigma, sampling_rate, steps, delta, "pld", n_units=n_units,
-                                  max_units=max_units)
-            if spent <= epsilon:
-                break
-            sigma *= 1 + rel_tol
-        else:
-            raise RuntimeError("could not calibrate sigma for the truncated sampler")
-    return sigma
+    if n_units is None or max_units is None:
+        return sigma
+    units = dict(n_units=n_units, max_units=max_units)
+    if spent_epsilon(sigma, sampling_rate, steps, delta, **units) <= epsilon:
+        return sigma  # the usual case: truncation is rare enough not to matter
+    # Truncation matters (small datasets): search again on the exact truncated event.
+    upper = sigma * 1.05
+    while spent_epsilon(upper, sampling_rate, steps, delta, **units) > epsilon:
+        sigma, upper = upper, upper * 1.5
+    return float(dp_accounting.calibrate_dp_mechanism(
+        lambda: make_accountant("pld"),
+        lambda s: training_event(s, sampling_rate, steps, **units),
+        target_epsilon=float(epsilon), target_delta=float(delta),
+        bracket_interval=dp_accounting.ExplicitBracketInterval(sigma, upper),
+        tol=rel_tol * upper))
 
 
 def dp_summary(schedule: "sampling.DpSchedule", noise_multiplier: float, delta: float, *,

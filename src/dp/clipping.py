@@ -19,11 +19,20 @@ from jax_privacy import clipping
 
 
 class ClipStats(NamedTuple):
-    """Per-step diagnostics (these depend on the data: log them, never release them)."""
+    """Per-step sums (add them over micro-batches); these depend on the data: log, never release."""
 
-    loss: jax.Array  # mean per-example loss over real records
-    clipped_fraction: jax.Array  # share of real units whose gradient norm exceeded clip_norm
-    real_units: jax.Array  # number of real (non-padding) units in the batch
+    loss_sum: jax.Array  # sum of per-example losses over real records
+    real_records: jax.Array
+    clipped_units: jax.Array  # real units whose gradient norm exceeded clip_norm
+    real_units: jax.Array
+
+    @property
+    def loss(self):
+        return self.loss_sum / jnp.maximum(self.real_records, 1)
+
+    @property
+    def clipped_fraction(self):
+        return self.clipped_units / jnp.maximum(self.real_units, 1)
 
 
 def split_units(tree, records_per_unit: int):
@@ -51,9 +60,8 @@ def clipped_grad_sum(per_example_loss: Callable, params, inputs, mask, *, clip_n
     unit_mask = mask.reshape(-1, records_per_unit)
     real_unit = jnp.any(unit_mask, axis=1)
     grad_sum, aux = grad_fn(params, unit_inputs, unit_mask, is_padding_example=~real_unit)
-    real_records = jnp.maximum(jnp.sum(mask), 1)
-    real_units = jnp.sum(real_unit)
-    clipped = jnp.sum((aux.grad_norms > clip_norm) & real_unit) / jnp.maximum(real_units, 1)
-    stats = ClipStats(loss=jnp.sum(aux.values) / real_records, clipped_fraction=clipped,
-                      real_units=real_units)
+    count = lambda a: jnp.sum(a, dtype=jnp.float32)
+    stats = ClipStats(loss_sum=count(aux.values), real_records=count(mask),
+                      clipped_units=count((aux.grad_norms > clip_norm) & real_unit),
+                      real_units=count(real_unit))
     return grad_sum, stats

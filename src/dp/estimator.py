@@ -1,23 +1,26 @@
 """DP-SGD as a gradient estimator for the Trainer, and the per-run DP set-up.
 
-The Trainer's step asks a gradient estimator for the update direction of a batch of
-`(indices (B,), mask (B,))` slots. Its default is the masked mean gradient; with `--epsilon` set it
-is `DpGradientEstimator`: per-unit clipped gradients summed (`src.dp.clipping`), Gaussian noise
-sigma * clip_norm added and the result divided by the expected batch size (`src.dp.noise`).
-With gradient accumulation the Trainer calls `clipped_sum` on each micro-batch (unit slots are
-never split: micro-batches are whole multiples of `records_per_unit`), adds the sums, and calls
-`privatize` once per logical batch: noise is added once per step, as the accounting assumes.
+The Trainer (src/train_utils/training.py) takes a batch schedule and a gradient estimator. With
+`--epsilon` set, `DpTraining` supplies both:
 
-Set-up, once per Trainer: `validate_dp_config(config)` (refuses BatchNorm), then
-`dp_batch_shape(config, record_unit_ids)` on all training records (fixed slots, one compile).
-Per run: `plan_dp_run(config, shape, run_unit_ids)` calibrates sigma for the run's number of units
-and steps and returns the schedule, the estimator and the summary for metrics.json.
+- `schedule_fn(train_indices, rng)`: Poisson-sampled, padded batches of the run's units
+  (`src.dp.sampling`), plus the run's calibrated noise multiplier as a per-step `"noise_multiplier"`
+  entry, so runs with different numbers of units (different sigma) share one compiled program;
+- `gradient_estimator(...)`: per-unit clipped gradients summed (`src.dp.clipping`) over the
+  `grad_accum` micro-batches (unit slots are never split), then Gaussian noise sigma * clip_norm
+  added once and the result divided by the expected batch size (`src.dp.noise`);
+- `summary(train_indices)`: epsilon spent, delta, sigma, q, steps, accountant… for metrics.json.
+
+`DpGradientEstimator` is the same computation as a plain object for other callers (benchmarks,
+tests). BatchNorm is refused (`validate_dp_config`, `refuse_batch_stats`).
 """
 
 import dataclasses
 import functools
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from src.dp import accounting, clipping, noise, sampling
@@ -72,8 +75,8 @@ def validate_dp_config(config) -> None:
         raise MedleakError(f"--epsilon must be > 0 (inf disables DP), got {config.epsilon}")
     if not 0 <= config.delta < 1:
         raise MedleakError(f"--delta must be in [0, 1) (0 means 1/n_units), got {config.delta}")
-    if not config.clip_norm > 0:
-        raise MedleakError(f"--clip_norm must be > 0, got {config.clip_norm}")
+    if not 0 < config.clip_norm < float("inf"):
+        raise MedleakError(f"--clip_norm must be a positive number, got {config.clip_norm}")
 
 
 def refuse_batch_stats(variables) -> None:
@@ -97,7 +100,7 @@ def dp_batch_shape(config, record_unit_ids) -> sampling.BatchShape:
                                 grad_accum=config.grad_accum)
 
 
-def plan_dp_run(config, shape: sampling.BatchShape, run_unit_ids) -> DpPlan:
+def plan_dp_run(config, shape: sampling.BatchShape, run_unit_ids, steps: int) -> DpPlan:
     """Calibrates sigma for one run (its units, steps and sampling rate) and summarises it.
 
     `run_unit_ids`: the unit id of each of this run's training records (record-level: anything
@@ -105,7 +108,7 @@ def plan_dp_run(config, shape: sampling.BatchShape, run_unit_ids) -> DpPlan:
     """
     validate_dp_config(config)
     n_units = len(np.unique(np.asarray(run_unit_ids)))
-    schedule = sampling.make_schedule(shape, n_units, config.epochs)
+    schedule = sampling.make_schedule(shape, n_units, steps)
     delta = config.delta if config.delta > 0 else accounting.default_delta(n_units)
     sigma = _calibrate_cached(float(config.epsilon), float(delta), schedule.sampling_rate,
                               schedule.steps, n_units, shape.max_units)
@@ -122,3 +125,83 @@ def _calibrate_cached(epsilon, delta, sampling_rate, steps, n_units, max_units) 
     # Workers train many runs; runs with the same number of units share one calibration.
     return accounting.calibrate_noise_multiplier(epsilon, delta, sampling_rate, steps,
                                                  n_units=n_units, max_units=max_units)
+
+
+class DpTraining:
+    """DP-SGD for one Trainer: its `schedule_fn`, `gradient_estimator` and per-run `summary`.
+
+        dp = DpTraining(config, train_table.df["patient_id"], steps_per_epoch)
+        trainer = Trainer(..., schedule_fn=dp.schedule_fn, gradient_estimator=dp.gradient_estimator)
+        print(format_summary(dp.summary(train_indices)))   # before trainer.train(train_indices, …)
+    """
+
+    def __init__(self, config, record_patient_ids, steps_per_epoch: int):
+        """`record_patient_ids`: the patient of every training row (used for patient-level DP)."""
+        validate_dp_config(config)
+        self.config = config
+        record_patient_ids = np.asarray(record_patient_ids)
+        if config.dp_unit == "record":
+            self.record_unit_ids = np.arange(len(record_patient_ids))
+        else:
+            _, self.record_unit_ids = np.unique(record_patient_ids, return_inverse=True)
+        self.shape = dp_batch_shape(config, self.record_unit_ids)
+        self.steps = int(config.epochs * steps_per_epoch)
+        self._plans = {}
+
+    def plan(self, train_indices) -> DpPlan:
+        """The run's DP plan (calibrated once per distinct set of rows)."""
+        train_indices = np.asarray(train_indices, dtype=np.int64)
+        key = train_indices.tobytes()
+        if key not in self._plans:
+            self._plans = {key: plan_dp_run(self.config, self.shape,
+                                            self.record_unit_ids[train_indices], self.steps)}
+        return self._plans[key]
+
+    def summary(self, train_indices) -> dict:
+        """epsilon spent, delta, sigma, q, steps, accountant… of the run on `train_indices`."""
+        return dict(self.plan(train_indices).summary)
+
+    def schedule_fn(self, train_indices, rng) -> dict:
+        """The Trainer's batch schedule: Poisson-sampled padded batches + the run's sigma."""
+        plan = self.plan(train_indices)
+        train_indices = np.asarray(train_indices, dtype=np.int64)
+        batches = list(sampling.poisson_batches(plan.schedule, train_indices,
+                                                self.record_unit_ids[train_indices], rng))
+        indices = np.stack([indices for indices, _ in batches])
+        mask = np.stack([mask for _, mask in batches])
+        sigma = np.full(len(batches), plan.estimator.noise_multiplier, dtype=np.float32)
+        return {"indices": indices, "mask": mask, "noise_multiplier": sigma}
+
+    def gradient_estimator(self, model_loss, params, model_state, images, labels, batch, key):
+        """The Trainer's estimator hook: clipped per-unit sums over micro-batches, noise once."""
+        if model_state:
+            raise MedleakError("this model has BatchNorm statistics, which DP-SGD cannot use; "
+                               "use --norm=group with --epsilon")
+
+        def loss_fn(p, inputs):
+            losses, _ = model_loss.batch_losses(p, {}, *inputs)
+            return losses
+
+        dp = DpGradientEstimator(clip_norm=float(self.config.clip_norm),
+                                 noise_multiplier=batch["noise_multiplier"],
+                                 expected_units=self.shape.expected_units,
+                                 records_per_unit=self.shape.records_per_unit)
+        micro_batches = self.config.grad_accum
+        inputs, mask = (images, labels), batch["mask"]
+        if micro_batches == 1:
+            grad_sum, stats = dp.clipped_sum(loss_fn, params, inputs, mask)
+        else:
+            def split(a):
+                return a.reshape(micro_batches, a.shape[0] // micro_batches, *a.shape[1:])
+
+            def accumulate(carry, micro):
+                micro_inputs, micro_mask = micro
+                sums = dp.clipped_sum(loss_fn, params, micro_inputs, micro_mask)
+                return jax.tree.map(jnp.add, carry, sums), None
+
+            zero_stats = clipping.ClipStats(*(jnp.zeros((), jnp.float32),) * 4)
+            init = (jax.tree.map(jnp.zeros_like, params), zero_stats)
+            (grad_sum, stats), _ = jax.lax.scan(
+                accumulate, init, (jax.tree.map(split, inputs), split(mask)))
+        grads = dp.privatize(grad_sum, key)
+        return grads, model_state, {"loss": stats.loss, "clipped_fraction": stats.clipped_fraction}

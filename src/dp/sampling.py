@@ -140,17 +140,21 @@ def batch_shape(record_unit_ids, expected_records: float, *, unit: str,
                       expected_units=expected_units)
 
 
-def make_schedule(shape: BatchShape, n_units: int, epochs: float) -> DpSchedule:
-    """Sampling rate q = expected units / n_units and steps = ceil(epochs / q) for one run."""
+def make_schedule(shape: BatchShape, n_units: int, steps: int) -> DpSchedule:
+    """A run's schedule: `steps` steps at sampling rate q = expected units / n_units.
+
+    The step count is the Trainer's (epochs x steps per epoch of the expected run size), the same
+    for every run so that the training program compiles once; a run with fewer units than
+    expected samples each of them a little more often, and the accounting uses its own q.
+    """
     if n_units < 1:
         raise MedleakError("DP training needs at least one training unit; check the plan")
     sampling_rate = shape.expected_units / n_units
     if sampling_rate > 1:
         raise MedleakError(f"--batch_size asks for {shape.expected_units:.1f} units per step but "
                            f"this run has only {n_units}; lower --batch_size")
-    steps = int(math.ceil(epochs / sampling_rate))
     return DpSchedule(shape=shape, n_units=int(n_units), sampling_rate=float(sampling_rate),
-                      steps=steps)
+                      steps=int(steps))
 
 
 def poisson_batches(schedule: DpSchedule, record_indices, record_unit_ids, seed: int):
