@@ -59,33 +59,33 @@ def main():
     print(f"generate_scores: {time.perf_counter() - t0:.2f} s")
     targets, shadows = slice(0, args.targets), slice(args.targets, None)
 
-    timings = {}
-    t0 = time.perf_counter()
-    auc, se = record_auc(scores, masks)
-    timings["record_auc"] = time.perf_counter() - t0
+    timings, cpu = {}, {}
 
-    t0 = time.perf_counter()
-    stats = shadow_stats(scores[shadows], masks[shadows])
-    timings["lira_shadow_stats"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    online = lira(scores[shadows], masks[shadows], scores[targets], stats=stats)
-    timings["lira_online"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    offline = lira(scores[shadows], masks[shadows], scores[targets], offline=True, stats=stats)
-    timings["lira_offline"] = time.perf_counter() - t0
+    def timed(name, fn):
+        wall, busy = time.perf_counter(), time.process_time()
+        result = fn()
+        timings[name], cpu[name] = time.perf_counter() - wall, time.process_time() - busy
+        return result
+
+    auc, se = timed("record_auc", lambda: record_auc(scores, masks))
+    # LiRA online and offline share the shadow statistics (the same shadows for every target).
+    stats = timed("lira_shadow_stats", lambda: shadow_stats(scores[shadows], masks[shadows]))
+    online = timed("lira_online", lambda: lira(scores[shadows], masks[shadows], scores[targets], stats=stats))
+    offline = timed("lira_offline", lambda: lira(scores[shadows], masks[shadows], scores[targets], offline=True, stats=stats))
     del stats
 
     # RMIA works on probabilities: turn the same array into p in place (not timed: in an audit the
     # probabilities come straight from the logits).
     for m in range(args.models):
         scores[m] = rmia_from_lira(scores[m])
-    t0 = time.perf_counter()
-    rmia_online = rmia(scores[shadows], masks[shadows], scores[targets])
-    timings["rmia_online"] = time.perf_counter() - t0
+    rmia_online = timed("rmia_online", lambda: rmia(scores[shadows], masks[shadows], scores[targets]))
 
     for name, seconds in timings.items():
         print(f"{name}: {seconds:.2f} s")
+        print(f"{name}_cpu: {cpu[name]:.2f} s")
     print(f"total_attacks: {sum(timings.values()):.2f} s")
+    # CPU seconds of all threads: on a busy shared machine, wall time / this shows the contention.
+    print(f"total_attacks_cpu: {sum(cpu.values()):.2f} s")
     print(f"peak_rss_attacks: {peak_rss_gb():.2f} GB")
     # Not part of the total: RMIA with trimmed means (the audit's --rmia_trim=0.1) needs a sort.
     t0 = time.perf_counter()
