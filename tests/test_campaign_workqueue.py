@@ -213,13 +213,28 @@ def test_a_killed_workers_run_is_reclaimed_after_its_lease_expires(tmp_path):
     assert "run_0000: started (attempt 2/3)" in out
 
 
+def test_a_terminated_worker_gives_its_claim_back_at_once(tmp_path):
+    (tmp_path / "go").touch()
+    settings = dict(n_runs=1, lease=300.0, run_seconds=1.0)
+    victim = start_worker(tmp_path, **dict(settings, run_seconds=30.0))
+    wait_for(lambda: len(events_of(tmp_path, "start")) == 1)
+    victim.send_signal(signal.SIGTERM)  # what SLURM sends on preemption
+    rc, out, _ = finish(victim)
+    assert rc == 128 + signal.SIGTERM and "run_0000: interrupted; gave the claim back" in out
+    run = queue_state(tmp_path)["runs"][0]
+    assert (run["status"], run["attempts"], run["owner"]) == ("pending", 0, None)
+    rc, out, err = finish(start_worker(tmp_path, **settings))  # no 300 s wait for the lease
+    assert rc == 0, err
+    assert "run_0000: started (attempt 1/3)" in out and "run 1/1 done" in out
+
+
 def test_heartbeat_keeps_runs_longer_than_the_lease(tmp_path):
-    settings = dict(n_runs=2, lease=1.0, run_seconds=3.0)
+    settings = dict(n_runs=2, lease=1.5, run_seconds=4.0)
     workers = [start_worker(tmp_path, **settings) for _ in range(2)]
     wait_for(lambda: len(events_of(tmp_path, "ready")) == 2)
     (tmp_path / "go").touch()
     assert [finish(w)[0] for w in workers] == [0, 0]
-    # without renewals the first worker to finish would re-take the other's run (expired after 1 s)
+    # without renewals the first worker to finish would re-take the other's run (expired after 1.5 s)
     assert sorted(e["run"] for e in events_of(tmp_path, "start")) == [0, 1]
     state = queue_state(tmp_path)
     assert [(r["status"], r["attempts"], r["errors"]) for r in state["runs"]] == [("done", 1, [])] * 2
@@ -274,22 +289,22 @@ def test_workers_racing_to_create_the_plan_produce_one_plan(tmp_path):
 # -- in-process checks of the queue's rules ----------------------------------------------------
 
 def test_expired_claims_are_retaken_and_the_old_owner_loses_the_lease(tmp_path):
-    first = WorkQueue(tmp_path, lease_seconds=0.3, max_attempts=2)
-    second = WorkQueue(tmp_path, lease_seconds=0.3, max_attempts=2)
+    first = WorkQueue(tmp_path, lease_seconds=1.0, max_attempts=2)
+    second = WorkQueue(tmp_path, lease_seconds=1.0, max_attempts=2)
     first.initialize(2)
     claim_a = first.claim()
     claim_b = second.claim()
     assert (claim_a.run_index, claim_b.run_index) == (0, 1)
     assert second.progress() == Progress(total=2, done=0, in_progress=2, failed=0, pending=0)
     assert first.renew(claim_a)
-    time.sleep(0.4)  # run 0's lease runs out; run 1's too
+    time.sleep(1.1)  # run 0's lease runs out; run 1's too
     retaken = second.claim()
     assert (retaken.run_index, retaken.attempt) == (0, 2)
     assert not first.renew(claim_a)
     assert second.renew(retaken)
-    # run 1 has now used its 2 attempts only once; still claimable once more
+    # run 1 has used one of its 2 attempts: claimable once more
     assert second.claim().run_index == 1
-    time.sleep(0.4)
+    time.sleep(1.1)
     assert second.claim() is None  # both expired with 2 attempts used: failed, nothing left
     assert second.progress().failed == 2
 

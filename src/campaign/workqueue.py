@@ -22,6 +22,7 @@ the same command) takes its run once the lease has expired.
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -303,7 +304,31 @@ class WorkSummary:
     failed_runs: dict  # run index -> last error, over the whole queue
 
 
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """Turns SIGTERM (SLURM preemption, `kill`) into SystemExit while the worker loop runs, so the
+    worker gives its claim back at once instead of leaving it to expire."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
+    """Claims and runs runs until none is claimable (see `_work_loop`); SIGTERM gives the claim back."""
+    with sigterm_as_exit():
+        return _work_loop(queue, do_run, log=log)
+
+
+def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
     """Claims and runs runs until none is claimable.
 
     `do_run(claim) -> tmp_dir` trains run `claim.run_index` (attempt `claim.attempt`) and writes it
@@ -327,6 +352,7 @@ def work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
             committed = queue.complete(claim, tmp_dir)
         except (KeyboardInterrupt, SystemExit):
             queue.release(claim)
+            log(f"{name}: interrupted; gave the claim back")
             raise
         except MedleakError as e:
             queue.fail(claim, f"MedleakError: {e}")
