@@ -43,6 +43,17 @@ if [ "${#gpu_list[@]}" -eq 0 ]; then
   gpu_list=("cpu")
 fi
 
+# Background workers of a non-interactive shell ignore Ctrl-C: forward it (and SIGTERM) to them as
+# SIGTERM, on which each gives its claimed run back to the queue and exits.
+pids=()
+stop_workers() {
+  trap - INT TERM
+  [ "${#pids[@]}" -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null
+  wait
+  exit 130
+}
+trap stop_workers INT TERM
+
 failed=0
 for dataset in $DATASETS; do
   logdir="$LOG_DIR/$dataset"
