@@ -332,9 +332,9 @@ def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
     """Claims and runs runs until none is claimable.
 
     `do_run(claim) -> tmp_dir` trains run `claim.run_index` (attempt `claim.attempt`) and writes it
-    with `rundir.write_run_tmp`; the
-    loop renames it into place. Exceptions are recorded as failed attempts and the loop goes on; a
-    `MedleakError` (bad input: every run would fail the same way) is recorded and re-raised.
+    with `rundir.write_run_tmp`; the loop renames it into place. Exceptions are recorded as failed
+    attempts and the loop goes on; a `MedleakError` (bad input: every run would fail the same way)
+    is recorded and re-raised; an interrupt gives the claim back and is re-raised.
     """
     completed, failed_attempts = [], []
     for stale in rundir.remove_stale_tmp_dirs(queue.logdir):
