@@ -231,17 +231,17 @@ def _write_report(out_dir, dataset, summary, attacks, patient_table, privacy_tab
         {"attack": name, "AUC mean": s["auc"]["mean"], "AUC sd": s["auc"]["sd"],
          "TPR @ 0.1 % FPR": s["tpr_at_0.1%_fpr"]["mean"], "TPR @ 1 % FPR": s["tpr_at_1%_fpr"]["mean"]}
         for name, (s, _) in attacks.items()])
-    sections.append(("Attacks on held-out models", table_and_fig(
+    sections.append(("Attacks on held-out models", "".join((
         report.table_html(attack_rows),
         report.figure_html(figs["roc"], "ROC curves of each attack (mean ± sd over target models)",
                            "Each curve trades false alarms (x) against caught members (y) for one attack. The dashed diagonal is "
                            "guessing. What matters for privacy is the left edge of the log-log panel: a curve far above the "
                            "diagonal at 0.1 % false-positive rate means some patients can be identified with confidence."),
         f"<p>Targets: runs {summary['target_runs']} held out; {summary['n_shadows']} shadow models. "
-        f"RMIA offline a = {summary['rmia_offline_a']} (tuned on a shadow model).</p>")))
+        f"RMIA offline a = {summary['rmia_offline_a']} (tuned on a shadow model).</p>"))))
     shares = pd.DataFrame([{"AUC above": t, "records": summary["record_auc"]["share_above"][t],
                             "patients": summary["patient_auc_max"]["share_above"][t]} for t in summary["record_auc"]["share_above"]])
-    sections.append(("Record and patient risk", table_and_fig(
+    sections.append(("Record and patient risk", "".join((
         report.table_html(shares),
         report.figure_html(figs["esf_records"], "Share of images whose attack AUC exceeds x",
                            "Read a point (x, y) as: a share y of images can be attacked with AUC above x. The y-axis is "
@@ -249,7 +249,7 @@ def _write_report(out_dir, dataset, summary, attacks, patient_table, privacy_tab
                            "95 % confidence interval."),
         report.figure_html(figs["esf_patients"], "Share of patients whose most exposed image exceeds x",
                            "The same for patients, each represented by their most exposed image: this is the number to "
-                           "discuss with a data-protection officer."))))
+                           "discuss with a data-protection officer.")))))
     top = patient_table.head(N_TOP_PATIENTS_SHOWN)
     sections.append((f"The {len(top)} most vulnerable patients", report.table_html(top)))
     parts = []
@@ -279,6 +279,3 @@ def _write_report(out_dir, dataset, summary, attacks, patient_table, privacy_tab
     notes = list(notes) + list(summary.get("warnings", []))
     return report.write_report(out_dir / "report.html", dataset=dataset, headline=headline, sections=sections, notes=notes)
 
-
-def table_and_fig(*parts):
-    return "".join(parts)
