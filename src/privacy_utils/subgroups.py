@@ -16,25 +16,31 @@ import warnings
 import numpy as np
 import pandas as pd
 from scipy import special, stats
-from sklearn import metrics
 
 TOP_SHARE = 0.01
+
+
+def _mode_per_patient(patient_ids, values):
+    """Most frequent value per patient (ties: the value seen first), vectorised."""
+    pairs = pd.DataFrame({"patient_id": patient_ids, "value": values})
+    counts = pairs.groupby(["patient_id", "value"], sort=False).size().reset_index(name="n")
+    best = counts.sort_values("n", ascending=False, kind="stable").drop_duplicates("patient_id")
+    return best.set_index("patient_id")["value"]
 
 
 def patient_attributes(records, patient_order, subgroups, label_names, task):
     """DataFrame indexed like `patient_order` with one column per subgroup and per disease attribute."""
     columns = {}
-    grouped = records.groupby("patient_id", sort=False)
+    patient_ids = records["patient_id"].to_numpy()
     for column in subgroups:
-        columns[column] = grouped[column].agg(lambda s: s.value_counts(sort=True).index[0])
+        columns[column] = _mode_per_patient(patient_ids, records[column].astype(str).to_numpy())
     if task == "multiclass":
         label_index = records[label_names].to_numpy().argmax(axis=1)
-        names = pd.Series(np.asarray(label_names, dtype=object)[label_index], index=records.index)
-        columns["label"] = names.groupby(records["patient_id"], sort=False).agg(lambda s: s.value_counts().index[0])
+        columns["label"] = _mode_per_patient(patient_ids, np.asarray(label_names, dtype=object)[label_index])
     else:
+        positive_any = (records[label_names] > 0).groupby(records["patient_id"], sort=False).any()
         for name in label_names:
-            positive = grouped[name].max() > 0
-            columns[f"label: {name}"] = positive.map({True: "positive", False: "negative"})
+            columns[f"label: {name}"] = positive_any[name].map({True: "positive", False: "negative"})
     return pd.DataFrame(columns).reindex(pd.Index(patient_order, name="patient_id"))
 
 
@@ -81,14 +87,23 @@ def composition(attributes, risk, top_share=TOP_SHARE):
 
 
 def _macro_auroc(labels, scores, task):
-    """Macro AUROC over the labels that have both classes present (NaN if none)."""
-    onehot = labels > 0  # one-vs-rest for multi-class
+    """Macro AUROC over the labels that have both classes present (NaN if none).
+
+    Vectorised over labels with the rank-sum (Mann–Whitney) form, ties counted one half, which
+    equals sklearn's roc_auc_score per label.
+    """
+    positive = labels > 0  # one-vs-rest for multi-class
     if task == "multiclass":
         scores = special.softmax(scores.astype(np.float64), axis=1)  # a logit alone does not rank classes
-    usable = [c for c in range(onehot.shape[1]) if 0 < onehot[:, c].sum() < len(onehot)]
-    if not usable:
+    n_pos = positive.sum(axis=0)
+    n_neg = len(positive) - n_pos
+    usable = (n_pos > 0) & (n_neg > 0)
+    if not usable.any():
         return float("nan")
-    return float(np.mean([metrics.roc_auc_score(onehot[:, c], scores[:, c]) for c in usable]))
+    ranks = stats.rankdata(scores[:, usable], axis=0)
+    rank_sum = (ranks * positive[:, usable]).sum(axis=0)
+    n_pos, n_neg = n_pos[usable], n_neg[usable]
+    return float(np.mean((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
 
 
 def utility_by_subgroup(test_logits, test_labels, test_records, subgroups, task):
