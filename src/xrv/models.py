@@ -120,8 +120,10 @@ def load_model(name: str, weights_dir=None, *, download: bool = False, trust_pic
     path = ensure_weights(name, weights_dir, download)
     state = read_state_dict(path, trust_pickle)
     # weights=None: no op_threshs, no sigmoid, no automatic resize; 18 outputs like every xrv DenseNet.
-    model = xrv.models.DenseNet(weights=None, num_classes=len(info["labels"]), apply_sigmoid=False)
-    result = model.load_state_dict(state, strict=False)
+    # Built on the meta device (no memory, no random init), then the loaded tensors are assigned.
+    with torch.device("meta"):
+        model = xrv.models.DenseNet(weights=None, num_classes=len(info["labels"]), apply_sigmoid=False)
+    result = model.load_state_dict(state, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise MedleakError(f"{path}: does not match TorchXRayVision's DenseNet-121 (missing "
                            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
