@@ -13,10 +13,11 @@ small_cnn also gets a textbook flax step (value_and_grad + SGD on a ready float 
 augmentation or EMA) for reference, and K=4 models trained with jax.vmap vs one after another.
 On a GPU it adds wrn_28_2 64x64x3 at batch 256 in bfloat16 (the paper's Fitzpatrick setting).
 
-    python bench/train_throughput.py [--wrn_steps 2] [--skip_wrn] [--workers N]
+    python bench/train_throughput.py [--wrn_steps 2] [--skip_wrn] [--workers N [--worker_model M]]
 
-`--workers N` runs the wrn_28_2 measurement in N processes at once that share the device (each calls
-configure_device_memory(N)) and prints their summed images/s.
+`--workers N` runs one model's measurement (`--worker_model`, default wrn_28_2, `--wrn_steps` steps per
+run) in N processes at once that share the device (each calls configure_device_memory(N) before JAX
+starts) and prints their summed images/s: compare with the single-process figure.
 """
 
 import argparse
@@ -130,9 +131,14 @@ def textbook_step(shape, batch_size, n_models, calls):
     return batch_size / single_s, n_models * batch_size / vmapped_s
 
 
+BENCH_SHAPES = {"small_cnn": (32, 32, 1), "wrn_28_2": (32, 32, 3)}
+
+
 def run_workers(n_workers, args):
-    """Runs the wrn_28_2 measurement in n_workers processes sharing the device; sums images/s."""
-    command = [sys.executable, __file__, "--child", "--wrn_steps", str(args.wrn_steps), "--workers", str(n_workers)]
+    """Runs one model's measurement in n_workers processes sharing the device; sums images/s."""
+    command = [sys.executable, __file__, "--child", "--wrn_steps", str(args.wrn_steps), "--workers", str(n_workers),
+               "--worker_model", args.worker_model]
+    started = time.perf_counter()
     children = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(n_workers)]
     total = 0.0
     for child in children:
@@ -140,7 +146,8 @@ def run_workers(n_workers, args):
         if child.returncode != 0:
             raise SystemExit(f"worker failed with exit code {child.returncode}")
         total += json.loads(out.strip().splitlines()[-1])["images_per_second"]
-    report(f"wrn_28_2_{n_workers}_workers_total_images_per_s", total, "img/s")
+    report(f"{args.worker_model}_{n_workers}_workers_total_images_per_s", total, "img/s")
+    report("bench_wall_s", time.perf_counter() - started, "s")
 
 
 def main():
@@ -148,6 +155,8 @@ def main():
     parser.add_argument("--wrn_steps", type=int, default=2, help="training steps per wrn_28_2 run")
     parser.add_argument("--skip_wrn", action="store_true")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--worker_model", default="wrn_28_2", choices=sorted(BENCH_SHAPES),
+                        help="model measured by each --workers process")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -159,7 +168,8 @@ def main():
         import io
 
         with contextlib.redirect_stdout(io.StringIO()):
-            ips = measure_trainer("wrn_28_2", "wrn_28_2", (32, 32, 3), 128, args.wrn_steps, args.wrn_steps)
+            ips = measure_trainer(args.worker_model, args.worker_model, BENCH_SHAPES[args.worker_model], 128,
+                                  args.wrn_steps, args.wrn_steps)
         print(json.dumps({"images_per_second": ips}))
         return
     if args.workers > 1:
