@@ -101,6 +101,9 @@ def test_risk_tables_equal_loops(outputs):
     truth = outputs["truth"]["chexpert"]
     records = pd.read_csv(outputs["figs"] / "chexpert_record_risk.csv")
     scores, members = records["rmia_score"].to_numpy(), records["member"].to_numpy()
+    order = records["record_id"].str.split("-").str[1].astype(int).to_numpy()
+    assert np.array_equal(members, truth["members"][order])
+    assert np.array_equal(records["patient_id"].to_numpy(), truth["patient"][order])
     for i in range(0, len(records), 37):
         expected = np.mean(scores[~members] >= scores[i])
         assert records["rmia_detection_fpr"][i] == pytest.approx(expected)
@@ -126,6 +129,8 @@ def test_figures_and_a_tuned_on_the_other_target(outputs):
     for name in ("roc.png", "roc.pdf", "attack_summary.csv", "summary.json"):
         assert (outputs["figs"] / name).is_file()
     assert (outputs["figs"] / "chexpert_composition_sex.png").is_file()
+    page = (outputs["figs"] / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "target-model" in page and "offline RMIA" in page
     assert "target-model (mimic records)" in outputs["summary"]["chexpert"]["rmia_a_chosen"]
     table = pd.read_csv(outputs["figs"] / "attack_summary.csv")
     assert len(table) == 4 and set(table["attack"]) == {"offline RMIA", "offline LIRA"}

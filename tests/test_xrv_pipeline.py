@@ -123,7 +123,7 @@ def test_saved_logits_are_raw_and_match_torchxrayvision_own_model(audit):
 
 def test_attack_writes_figures_and_tables(audit):
     figs = audit["figs"]
-    for name in ("roc.png", "roc.pdf", "attack_summary.csv", "summary.json"):
+    for name in ("roc.png", "roc.pdf", "attack_summary.csv", "summary.json", "report.html"):
         assert (figs / name).is_file(), name
     summary = json.loads((figs / "summary.json").read_text())
     for dataset in ("chexpert", "mimic"):

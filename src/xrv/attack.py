@@ -33,6 +33,7 @@ from src.privacy_utils.risk import patient_risk
 from src.privacy_utils.rmia import DEFAULT_GAMMA, population_indices, rmia, tune_offline_a
 from src.privacy_utils.scores import rmia_from_lira
 from src.xrv import logdir as logdir_format
+from src.xrv import report as xrv_report
 
 ATTACKS = ("rmia", "lira")
 DEFAULT_A = "auto"
@@ -171,9 +172,54 @@ def member_composition(audit: XrvAudit, patients: pd.DataFrame, top_share=subgro
     return subgroups.composition(attributes, member_patients["rmia_max"].to_numpy(), top_share)
 
 
+def audit_dataset(dataset, audit: XrvAudit, a: float, how: str, out_dir, gamma=DEFAULT_GAMMA,
+                  n_population=10_000, seed=0, top_share=subgroups.TOP_SHARE) -> dict:
+    """Attacks one target, writes its tables and composition figures; returns them and its summary."""
+    attack = attack_scores(audit, a, gamma, n_population, seed)
+    records = record_table(audit, attack)
+    patients = patient_table(records)
+    by_subgroup = subgroup_attack_table(records, audit.campaign.subgroups)
+    composition, tests = member_composition(audit, patients, top_share)
+    write_csv(out_dir / f"{dataset}_record_risk.csv", records)
+    write_csv(out_dir / f"{dataset}_patient_risk.csv", patients)
+    write_csv(out_dir / f"{dataset}_subgroup_attack.csv", by_subgroup)
+    write_csv(out_dir / f"{dataset}_top_composition.csv", composition)
+    composition_figures = []
+    for attribute, test in tests.items():
+        if test["dof"] > 0:
+            safe = "".join(ch if ch.isalnum() else "_" for ch in attribute)
+            composition_figures.append((attribute, figures.composition_figure(
+                composition[composition["attribute"] == attribute], test, out_dir, f"{dataset}_composition_{safe}",
+                attribute)))
+    summary = {"target": audit.target_name, "reference": audit.reference_name,
+               "n_members": int(audit.members.sum()), "n_nonmembers": int((~audit.members).sum()),
+               "n_member_patients": int(patients["member"].sum()),
+               "rmia_a": a, "rmia_a_chosen": how, "gamma": gamma, "composition_tests": tests}
+    curves = {}
+    for kind in ATTACKS:
+        stats, grid_tpr = roc.summarise_attack(records[f"{kind}_score"].to_numpy()[None],
+                                               records["member"].to_numpy()[None])
+        summary[kind] = stats
+        curves[f"{audit.target_name} on {dataset} · offline {kind.upper()}"] = (grid_tpr, stats)
+    return dict(summary=summary, curves=curves, records=records, patients=patients, by_subgroup=by_subgroup,
+                composition_figures=composition_figures)
+
+
+def summary_rows(dataset, summary) -> list:
+    """attack_summary.csv rows of one dataset: AUC and TPR at low FPR per attack."""
+    rows = []
+    for kind in ATTACKS:
+        row = {"dataset": dataset, "target": summary["target"], "attack": f"offline {kind.upper()}",
+               "auc": summary[kind]["auc"]["mean"], "n_members": summary["n_members"],
+               "n_nonmembers": summary["n_nonmembers"]}
+        row.update({k: v["mean"] for k, v in summary[kind].items() if k.startswith("tpr_at")})
+        rows.append(row)
+    return rows
+
+
 def run(logroot, datasets, out_dir, a=DEFAULT_A, gamma=DEFAULT_GAMMA, n_population=10_000, seed=0,
         top_share=subgroups.TOP_SHARE) -> dict:
-    """Attacks every dataset's target and writes figures and tables into `out_dir`; returns the summary."""
+    """Attacks every dataset's target and writes figures, tables and report.html; returns the summary."""
     audits = {}
     for dataset in datasets:
         logdir = Path(logroot) / dataset
@@ -184,38 +230,13 @@ def run(logroot, datasets, out_dir, a=DEFAULT_A, gamma=DEFAULT_GAMMA, n_populati
         raise MedleakError("--datasets is empty")
     chosen_a = choose_a(audits, a, gamma=gamma, n_population=n_population, seed=seed)
     out_dir = Path(out_dir)
-    summary, curves, rows = {}, {}, []
-    for dataset, audit in audits.items():
-        value, how = chosen_a[dataset]
-        attack = attack_scores(audit, value, gamma, n_population, seed)
-        records = record_table(audit, attack)
-        patients = patient_table(records)
-        write_csv(out_dir / f"{dataset}_record_risk.csv", records)
-        write_csv(out_dir / f"{dataset}_patient_risk.csv", patients)
-        write_csv(out_dir / f"{dataset}_subgroup_attack.csv", subgroup_attack_table(records, audit.campaign.subgroups))
-        composition, tests = member_composition(audit, patients, top_share)
-        write_csv(out_dir / f"{dataset}_top_composition.csv", composition)
-        for attribute, test in tests.items():
-            if test["dof"] > 0:
-                safe = "".join(ch if ch.isalnum() else "_" for ch in attribute)
-                figures.composition_figure(composition[composition["attribute"] == attribute], test, out_dir,
-                                           f"{dataset}_composition_{safe}", attribute)
-        summary[dataset] = {"target": audit.target_name, "reference": audit.reference_name,
-                            "n_members": int(audit.members.sum()), "n_nonmembers": int((~audit.members).sum()),
-                            "n_member_patients": int(patients["member"].sum()),
-                            "rmia_a": value, "rmia_a_chosen": how, "gamma": gamma, "composition_tests": tests}
-        for kind in ATTACKS:
-            stats, grid_tpr = roc.summarise_attack(records[f"{kind}_score"].to_numpy()[None],
-                                                   records["member"].to_numpy()[None])
-            summary[dataset][kind] = stats
-            label = f"{audit.target_name} on {dataset} · offline {kind.upper()}"
-            curves[label] = (grid_tpr, stats)
-            row = {"dataset": dataset, "target": audit.target_name, "attack": f"offline {kind.upper()}",
-                   "auc": stats["auc"]["mean"], "n_members": summary[dataset]["n_members"],
-                   "n_nonmembers": summary[dataset]["n_nonmembers"]}
-            row.update({k: v["mean"] for k, v in stats.items() if k.startswith("tpr_at")})
-            rows.append(row)
-    figures.roc_figure(curves, roc.FPR_GRID, out_dir, name="roc")
-    write_csv(out_dir / "attack_summary.csv", pd.DataFrame(rows))
+    results = {dataset: audit_dataset(dataset, audit, *chosen_a[dataset], out_dir, gamma, n_population, seed,
+                                      top_share) for dataset, audit in audits.items()}
+    summary = {dataset: result["summary"] for dataset, result in results.items()}
+    roc_png = figures.roc_figure({k: v for r in results.values() for k, v in r["curves"].items()}, roc.FPR_GRID,
+                                 out_dir, name="roc")
+    table = pd.DataFrame([row for dataset in summary for row in summary_rows(dataset, summary[dataset])])
+    write_csv(out_dir / "attack_summary.csv", table)
     write_json(out_dir / "summary.json", summary)
+    xrv_report.write(out_dir / "report.html", results, table, roc_png)
     return summary
