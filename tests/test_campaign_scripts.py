@@ -62,9 +62,9 @@ def check_campaign(logdir, dataset, n_runs):
     return stored
 
 
-def test_fitzpatrick_script_trains_eight_runs_then_does_nothing_and_refuses_other_configs(tmp_path):
-    data_root = layouts.write_fitzpatrick(tmp_path / "data", n_patients=16, size=(20, 20))
-    logdir = tmp_path / "logs"
+def test_fitzpatrick_script_trains_eight_runs_then_does_nothing_refuses_other_configs_and_plots(tmp_path):
+    data_root = layouts.write_fitzpatrick(tmp_path / "data" / "fitzpatrick", n_patients=16, size=(20, 20))
+    logdir = tmp_path / "logs" / "fitzpatrick"
     common = [f"--data_root={data_root}", f"--logdir={logdir}", f"--cache_dir={tmp_path / 'cache'}"]
     result = run_script("fitzpatrick", *common, "--n_runs=8", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -85,6 +85,17 @@ def test_fitzpatrick_script_trains_eight_runs_then_does_nothing_and_refuses_othe
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "train_config.learning_rate (logdir: 0.005, now: 0.1)" in refused.stderr
+
+    # the audit stage reads the campaign as written (scripts/plot_all.sh → mem_inf_stats.py)
+    env = dict(script_env(), DATASETS="fitzpatrick chexpert", LOG_DIR=str(tmp_path / "logs"),
+               DATA_DIR=str(tmp_path / "data"), PYTHON=sys.executable)
+    plotted = subprocess.run(["bash", "scripts/plot_all.sh", "--eval_size=2", f"--out_dir={tmp_path / 'figs'}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert plotted.returncode == 0, plotted.stderr[-3000:]
+    n_records = stored["n_train_records"]  # one image per patient in Fitzpatrick17k
+    assert f"8 runs, {n_records} records, {n_records} patients" in plotted.stdout
+    assert "== chexpert: no campaign" in plotted.stdout
+    assert (tmp_path / "figs" / "report.html").is_file()
 
 
 def test_train_all_runs_two_chexpert_workers_per_device_on_one_logdir(tmp_path):
