@@ -49,6 +49,21 @@ def test_wrn_output_shape_for_any_input_size(shape):
     assert logits.shape == (2, 5) and logits.dtype == jnp.float32
 
 
+def filled_variables(model, x):
+    """Variables of the right shapes with arbitrary values (skips compiling the PRNG-heavy init):
+    normal parameters, BatchNorm means 0 and variances 1."""
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    rng = np.random.default_rng(0)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if "batch_stats" in name:
+            return jnp.ones(s.shape) if "var" in name else jnp.zeros(s.shape)
+        return jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def init_and_apply(model, x, train=False):
     """Initialises on x and returns (variables, logits); jitted so each is one compilation."""
     variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
@@ -58,7 +73,8 @@ def init_and_apply(model, x, train=False):
 def test_small_cnn_is_small_runs_on_any_input_and_computes_in_bfloat16():
     assert 80_000 < n_params(create_model("small_cnn", 2), (1, 16, 16, 1)) < 120_000
     model = create_model("small_cnn", 4, dtype=jnp.bfloat16)
-    variables, logits = init_and_apply(model, jax.random.normal(jax.random.key(1), (3, 12, 20, 3)))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 12, 20, 3)), jnp.float32)
+    variables, logits = init_and_apply(model, x)
     assert logits.shape == (3, 4) and np.isfinite(np.asarray(logits)).all()
     # bf16 compute, fp32 parameters and logits.
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
@@ -69,20 +85,20 @@ def test_small_cnn_is_small_runs_on_any_input_and_computes_in_bfloat16():
 
 
 def test_group_norm_examples_are_independent_batch_norm_tracks_statistics():
-    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1)) * 3 + 1
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 16, 16, 1)) * 3 + 1, jnp.float32)
     # Same shape, only the other examples differ: example 0's logits may change only through
     # batch statistics.
     x_others_changed = x.at[1:].multiply(5.0)
 
     group = create_model("small_cnn", 3, norm="group")
-    variables = jax.jit(lambda x: group.init(jax.random.key(0), x, train=False))(x)
+    variables = filled_variables(group, x)
     assert set(variables) == {"params"}
     group_train = jax.jit(lambda v, x: group.apply(v, x, train=True))
     np.testing.assert_allclose(group_train(variables, x)[0], group_train(variables, x_others_changed)[0],
                                rtol=1e-5, atol=1e-5)
 
     batch = create_model("small_cnn", 3, norm="batch")
-    variables = jax.jit(lambda x: batch.init(jax.random.key(0), x, train=False))(x)
+    variables = filled_variables(batch, x)
     assert "batch_stats" in variables
     batch_train = jax.jit(lambda v, x: batch.apply(v, x, train=True, mutable=["batch_stats"]))
     batch_eval = jax.jit(lambda v, x: batch.apply(v, x, train=False))

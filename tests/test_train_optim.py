@@ -74,9 +74,12 @@ def test_losses_softmax_cross_entropy_and_mean_binary_cross_entropy():
 @pytest.fixture(scope="module")
 def tiny_problem():
     model = create_model("small_cnn", 3, norm="group")
-    images = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 8, 1)), jnp.float32)
     labels = jax.nn.one_hot(jnp.array([0, 1, 2, 0, 1, 2, 0, 1]), 3)
-    params = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(images[:1])["params"]
+    # Arbitrary parameter values of the right shapes (skips compiling the PRNG-heavy init).
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(1), x, train=False), images[:1])["params"]
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32), shapes)
     return training.ModelLoss(model, "multiclass"), params, images, labels
 
 

@@ -167,6 +167,8 @@ def test_bad_inputs_raise_user_errors(data):
     trainer = Trainer(config(), train_images, train_labels, "multiclass")
     with pytest.raises(MedleakError, match="train_indices"):
         trainer.schedule(np.array([0, N_TRAIN]), seed=0)
+    with pytest.raises(MedleakError, match="flatnonzero"):
+        trainer.schedule(np.ones(N_TRAIN, dtype=bool), seed=0)
     with pytest.raises(MedleakError, match="without test images"):
         trainer.infer_test(None)
 

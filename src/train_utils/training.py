@@ -334,6 +334,9 @@ class Trainer:
     def schedule(self, train_indices, seed: int) -> dict:
         """The batch schedule of a run (host numpy arrays), reproducible from the seed."""
         train_indices = np.asarray(train_indices)
+        if train_indices.dtype.kind not in "iu":
+            raise MedleakError(f"train_indices must be integer row numbers, got {train_indices.dtype} "
+                               f"(for a boolean record mask pass np.flatnonzero(mask))")
         if train_indices.ndim != 1 or (train_indices.size and (
                 train_indices.min() < 0 or train_indices.max() >= self.n_train)):
             raise MedleakError(f"train_indices must be row numbers in [0, {self.n_train}) of the training images")
