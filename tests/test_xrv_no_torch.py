@@ -52,12 +52,26 @@ def run_without_torch(code):
 
 
 def test_attack_side_runs_without_torch_and_scores_says_what_to_install(tmp_path):
-    result = run_without_torch(
+    from tests.test_xrv_attack import synthetic_audit
+
+    synthetic_audit(tmp_path / "logs", "chexpert", leak=1.5, seed=0)
+    synthetic_audit(tmp_path / "logs", "mimic", leak=0.0, seed=1)
+    attack = run_without_torch(
         "import runpy\n"
-        "import src.xrv.attack, src.xrv.split, src.xrv.logdir\n"
+        f"sys.argv = ['xrv_attack.py', '--logdir={tmp_path / 'logs'}', '--out_dir={tmp_path / 'figs'}']\n"
+        "try:\n"
+        "    runpy.run_path('xrv_attack.py', run_name='__main__')\n"
+        "finally:\n"
+        "    assert 'torch' not in sys.modules\n")
+    assert attack.returncode == 0, attack.stderr[-2000:]
+    assert "chexpert: target-model vs reference-model: RMIA AUC" in attack.stdout
+    assert (tmp_path / "figs" / "roc.png").is_file() and (tmp_path / "figs" / "report.html").is_file()
+
+    scores = run_without_torch(
+        "import runpy\n"
         f"sys.argv = ['xrv_scores.py', '--logdir={tmp_path}']\n"
         "runpy.run_path('xrv_scores.py', run_name='__main__')\n")
-    assert result.returncode == 2, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
+    assert scores.returncode == 2, scores.stderr[-2000:]
+    last = scores.stderr.strip().splitlines()[-1]
     assert last.startswith("error: xrv_scores.py needs torch") and "requirements-xrv.txt" in last
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in scores.stderr
