@@ -67,6 +67,8 @@ def define_flags(dataset: str, flag_values=flags.FLAGS, help_module=None) -> Non
     define("cache_dir", None, "image cache folder (default $MEDLEAK_CACHE_DIR or ~/.cache/medleak)",
            flags.DEFINE_string)
     define("cache_workers", None, "processes decoding images when the cache is built", flags.DEFINE_integer)
+    define("skip_unreadable", False, "leave out (and list) records whose image is missing or cannot be "
+           "decoded, instead of stopping with an error")
     define("workers_per_device", 1, "worker processes sharing one GPU (each takes that share of its memory)")
     define("eval_only", False, "train one model on the whole training split and report its test metrics "
            "(written to <logdir>/eval_only)")

@@ -8,6 +8,7 @@ claimed, so a worker started on a finished campaign exits in seconds. Start as m
 like, on as many machines as share the logdir.
 """
 
+import dataclasses
 import functools
 import os
 import socket
@@ -43,34 +44,55 @@ def prepare_campaign(queue: WorkQueue, document: dict, train_table, test_table, 
     return stored, patient_mask, created
 
 
-def load_splits(dataset: str, data_root, options: dict):
-    """(train table, test table) of a dataset, each re-indexed from 0 (row i = logit row i)."""
+@dataclasses.dataclass(frozen=True)
+class CacheOptions:
+    """Where and how images are decoded into the uint8 cache (see src/data_utils/image_cache.py)."""
+
+    cache_dir: str | None = None
+    num_workers: int | None = None
+    # Leave out (and list) missing/undecodable images instead of stopping: the campaign then plans
+    # over the records that have an image.
+    skip_unreadable: bool = False
+
+
+def load_splits(dataset: str, data_root, options: dict, img_size=None, cache: CacheOptions = CacheOptions()):
+    """(train table, test table) of a dataset, each re-indexed from 0 (row i = logit row i).
+
+    With `cache.skip_unreadable`, images are decoded here (once, into the cache) and records without
+    a readable image are dropped before anything is planned over the tables.
+    """
     from src.data_utils.datasets import load_dataset
 
     table = load_dataset(dataset, data_root, **options)
-    train_table, test_table = table.split("train"), table.split("test")
-    for name, split in (("train", train_table), ("test", test_table)):
+    splits = {"train": table.split("train"), "test": table.split("test")}
+    for name, split in splits.items():
         if split.n_records == 0:
             raise MedleakError(f"{dataset}: the {name} split under --data_root={data_root} is empty")
-    return train_table, test_table
+        if cache.skip_unreadable:
+            from src.data_utils.image_cache import cached_images
+
+            _, kept = cached_images(split, data_root, img_size, cache_dir=cache.cache_dir,
+                                    num_workers=cache.num_workers, skip_unreadable=True)
+            splits[name] = dataclasses.replace(kept, df=kept.df.reset_index(drop=True))
+    return splits["train"], splits["test"]
 
 
 class RunTrainer:
     """Everything one worker process needs to train runs: cached images and one compiled Trainer."""
 
     def __init__(self, train_table, test_table, train_config, data_root, *, expected_train_size: int,
-                 cache_dir=None, cache_workers=None, log=_log):
+                 cache: CacheOptions = CacheOptions(), log=_log):
         from src.data_utils.image_cache import cached_images
 
         started = time.time()
         self.train_table, self.test_table, self.config, self.log = train_table, test_table, train_config, log
         train_images, cached_train = cached_images(train_table, data_root, train_config.img_size,
-                                                   cache_dir=cache_dir, num_workers=cache_workers)
+                                                   cache_dir=cache.cache_dir, num_workers=cache.num_workers)
         test_images, cached_test = cached_images(test_table, data_root, train_config.img_size,
-                                                 cache_dir=cache_dir, num_workers=cache_workers)
+                                                 cache_dir=cache.cache_dir, num_workers=cache.num_workers)
         if cached_train.n_records != train_table.n_records or cached_test.n_records != test_table.n_records:
             raise MedleakError(f"{train_table.name}: the image cache left out unreadable images; "
-                               "fix or remove them from the dataset so every record has an image")
+                               "fix or remove them, or pass --skip_unreadable")
         self.cache_seconds = time.time() - started
         log(f"images ready: train {train_images.shape}, test {test_images.shape} ({self.cache_seconds:.1f} s)")
         self.train_labels = train_table.labels()
@@ -139,9 +161,9 @@ def _build_trainer(config, train_images, train_labels, train_table, test_images,
 
 
 def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
-                 cache_dir=None, cache_workers=None, log=_log):
+                 cache: CacheOptions = CacheOptions(), log=_log):
     """One worker of a shadow-model campaign; returns the WorkSummary when nothing is left to claim."""
-    train_table, test_table = load_splits(dataset, data_root, options or {})
+    train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
     queue = WorkQueue(logdir, lease_seconds=campaign_config.lease_seconds,
                       max_attempts=campaign_config.max_attempts)
     document = plan.plan_document(dataset, train_table, test_table, train_config,
@@ -155,7 +177,7 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
         # built on the first claim only: a worker with nothing to do never decodes or compiles
         expected = max(1, round(campaign_config.subset_ratio * train_table.n_records))
         return RunTrainer(train_table, test_table, train_config, data_root, expected_train_size=expected,
-                          cache_dir=cache_dir, cache_workers=cache_workers, log=log)
+                          cache=cache, log=log)
 
     def do_run(claim) -> Path:
         run_index = claim.run_index
@@ -170,15 +192,14 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
 
 
 def run_eval_only(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
-                  cache_dir=None, cache_workers=None, log=_log) -> dict:
+                  cache: CacheOptions = CacheOptions(), log=_log) -> dict:
     """Trains one model on the whole training split; prints and writes its test metrics.
 
     Written to `<logdir>/eval_only/` (same files as a run directory; replaced on every call).
     """
-    train_table, test_table = load_splits(dataset, data_root, options or {})
+    train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
     trainer = RunTrainer(train_table, test_table, train_config, data_root,
-                         expected_train_size=train_table.n_records, cache_dir=cache_dir,
-                         cache_workers=cache_workers, log=log)
+                         expected_train_size=train_table.n_records, cache=cache, log=log)
     contents = trainer.train_and_infer(np.ones(train_table.n_records, dtype=bool), campaign_config.seed)
     contents["metrics"].update(run=None, dataset=dataset, eval_only=True)
     final = Path(logdir) / EVAL_ONLY_DIR
@@ -223,8 +244,7 @@ def main_from_flags(dataset: str, argv) -> int:
         train_config=campaign_flags.train_config_from_flags(FLAGS),
         campaign_config=campaign_flags.campaign_config_from_flags(FLAGS),
         options=campaign_flags.loader_options_from_flags(dataset, FLAGS),
-        cache_dir=FLAGS.cache_dir,
-        cache_workers=FLAGS.cache_workers,
+        cache=CacheOptions(FLAGS.cache_dir, FLAGS.cache_workers, FLAGS.skip_unreadable),
     )
     if FLAGS.eval_only:
         run_eval_only(dataset, **kwargs)
