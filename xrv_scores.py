@@ -1,8 +1,7 @@
 """Runs TorchXRayVision's public chest X-ray models on known members and non-members.
 
     pip install -r requirements-xrv.txt
-    python xrv_scores.py --chexpert_root=./data/chexpert --mimic_root=./data/mimic \
-        --weights_dir=~/.torchxrayvision/models_data
+    python xrv_scores.py --chexpert_root=./data/chexpert --mimic_root=./data/mimic
     python xrv_attack.py
 
 Writes ./logs/torchxrayvision/{chexpert,mimic}/ (layout in docs/XRV.md). Weights are read from

@@ -31,6 +31,7 @@ from src.xrv import inference, models, split
 from src.xrv import logdir as logdir_format
 from src.xrv.preprocess import INPUT_SIZE
 
+
 @dataclasses.dataclass(frozen=True)
 class ScoreConfig:
     """What xrv_scores.py runs (flags of the entry point)."""
@@ -72,10 +73,10 @@ def models_for(dataset: str, config: ScoreConfig) -> list:
 
 
 def macro_auroc(logits, labels) -> float:
-    """Mean AUROC over labels with both classes present (NaN if none): a sanity check of the model."""
+    """Mean AUROC over labels with both classes present (None if none): a sanity check of the model."""
     aucs = [metrics.roc_auc_score(labels[:, c], logits[:, c]) for c in range(labels.shape[1])
             if 0 < labels[:, c].sum() < len(labels)]
-    return float(np.mean(aucs)) if aucs else float("nan")
+    return float(np.mean(aucs)) if aucs else None
 
 
 def run_dataset(dataset: str, data_root, loader_options: dict, logdir, config: ScoreConfig) -> Path:
@@ -127,9 +128,19 @@ def run(data_roots: dict, loader_options: dict, logroot, config: ScoreConfig) ->
     if unknown or not config.datasets:
         raise MedleakError(f"--datasets must name some of {list(split.DATASETS)}, got {list(config.datasets)}")
     models.model_info(config.reference)
-    for dataset in config.datasets:  # fail on a missing weights file before hours of loading
+    if config.reference in models.TARGET_MODELS.values():
+        raise MedleakError(f"--reference={config.reference} is one of the target models; the reference must be "
+                           "a model trained on neither dataset (e.g. densenet121-res224-pc)")
+    for dataset in config.datasets:  # fail on a missing file or a taken logdir before hours of work
+        root = data_roots.get(dataset)
+        if root in (None, "") or not Path(root).expanduser().is_dir():
+            raise MedleakError(f"--{dataset}_root={root} is not a directory; point it at the downloaded {dataset} "
+                               "dataset (official layout)")
         for name, _ in models_for(dataset, config):
             models.ensure_weights(name, config.weights_dir, config.download)
+        if (Path(logroot) / dataset).exists() and not config.overwrite:
+            raise MedleakError(f"{Path(logroot) / dataset} already exists; pass --overwrite to replace it or "
+                               "choose another --logdir")
     out = {}
     for dataset in config.datasets:
         out[dataset] = run_dataset(dataset, data_roots.get(dataset), loader_options.get(dataset, {}),
