@@ -12,8 +12,10 @@ Modules (one concept each):
     models.py      weights files in TorchXRayVision's cache layout, loading with calibration off
     preprocess.py  TorchXRayVision's image pipeline: [-1024, 1024] scaling, centre crop, resize 224
     inference.py   batched forward passes → raw logits on the shared label set
-    scores.py      xrv_scores.py's work: select records, run the models, write run directories
+    scores.py      xrv_scores.py's work: select records, run the models, write the logdirs
+    logdir.py      the per-dataset logdir in the run-directory format (no torch)
     attack.py      xrv_attack.py's work: offline RMIA/LiRA vs the reference, ROC, risk tables
+    report.py      report.html of the attack
 
 Only models.py, preprocess.py, inference.py and scores.py import torch; nothing outside this
 package imports any of them, so the rest of medleak never needs torch.
