@@ -162,6 +162,8 @@ def test_bad_inputs_raise_user_errors(data):
         Trainer(config(), train_images.astype(np.float32), train_labels, "multiclass")
     with pytest.raises(MedleakError, match="grad_accum"):
         Trainer(config(grad_accum=3), train_images, train_labels, "multiclass")
+    with pytest.raises(MedleakError, match="no test images"):
+        Trainer(config(), train_images, train_labels, "multiclass", train_images[:0], train_labels[:0])
     with pytest.raises(MedleakError, match="NaN"):
         Trainer(config(), train_images, np.full_like(train_labels, np.nan), "multiclass")
     trainer = Trainer(config(), train_images, train_labels, "multiclass")

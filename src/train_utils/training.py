@@ -478,6 +478,8 @@ def _check_arrays(split: str, images, labels, config: TrainConfig):
     if tuple(images.shape[1:3]) != tuple(config.img_size):
         raise MedleakError(f"{split} images are {images.shape[1]}x{images.shape[2]} but --img_size is "
                            f"{config.img_size[0]}x{config.img_size[1]}: rebuild the image cache")
+    if images.shape[0] == 0:
+        raise MedleakError(f"there are no {split} images: check the records table's {split} split")
     if labels.ndim != 2 or labels.shape[0] != images.shape[0]:
         raise MedleakError(f"{split} labels {labels.shape} must be (N, C) with N = {images.shape[0]} images")
     if not np.isfinite(labels).all():
