@@ -118,6 +118,18 @@ def test_views_are_the_clean_image_its_flip_then_fixed_augmentations(trained, da
     np.testing.assert_array_equal(trainer.infer_train_views(model), views)  # fixed view keys
 
 
+def test_several_steps_per_device_call_train_the_same_model(trained, data):
+    """The accelerator path (lax.scan over an epoch per call) matches one step per call."""
+    trainer, model, _, _, _ = trained
+    (train_images, train_labels), _ = data
+    scanned = Trainer(config(), train_images, train_labels, "multiclass", expected_train_size=48, steps_per_call=3)
+    again = scanned.train(np.arange(48), seed=0, progress=False)
+    assert scanned.compiled_program(scanned.schedule(np.arange(48), 0)).chunk_steps == 3
+    np.testing.assert_allclose(again.losses, model.losses, rtol=1e-3, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(model.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
 def test_timings_separate_compile_and_step_time(trained):
     _, model, _, _, _ = trained
     timings = model.timings

@@ -268,7 +268,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, train_images, train_labels, task: str, test_images=None,
                  test_labels=None, *, expected_train_size: int | None = None, schedule_fn=None,
-                 gradient_estimator=None, eval_batch_size: int | None = None):
+                 gradient_estimator=None, eval_batch_size: int | None = None, steps_per_call: int | None = None):
         """
         Args:
           config: the TrainConfig every model of this Trainer uses.
@@ -281,6 +281,8 @@ class Trainer:
           schedule_fn: `(train_indices, rng) -> batch dict` replacing `epoch_schedule` (DP sampling).
           gradient_estimator: replaces `mean_gradient(config.grad_accum)` (DP-SGD).
           eval_batch_size: rows per inference call (default: config.batch_size).
+          steps_per_call: training steps per device call (default `default_chunk_steps`: one epoch
+            on accelerators, one step on CPU); rounded down to a divisor of the run's steps.
         """
         self.config = config
         self.task = task
@@ -325,6 +327,7 @@ class Trainer:
             epochs=config.epochs)
         self.gradient_estimator = gradient_estimator or mean_gradient(config.grad_accum)
         self.eval_batch_size = int(eval_batch_size or config.batch_size)
+        self.steps_per_call = steps_per_call
         self.compile_seconds = {}  # program name -> seconds spent compiling it in this process
         self._programs = {}
         self._inference = {}
@@ -350,7 +353,7 @@ class Trainer:
             return self._programs[signature]
         n_steps, batch_size = batches["indices"].shape
         epoch_steps = max(1, n_steps // self.config.epochs)
-        chunk_steps = _chunk_steps(n_steps, default_chunk_steps(epoch_steps))
+        chunk_steps = _chunk_steps(n_steps, self.steps_per_call or default_chunk_steps(epoch_steps))
         optimizer = optim.make_optimizer(self.config, epoch_steps, n_steps)
         sample = jnp.zeros((1, *self.images.shape[1:]), jnp.float32)
 
