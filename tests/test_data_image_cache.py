@@ -131,7 +131,8 @@ def _build_in_process(root, cache, queue):
 def test_concurrent_builders_do_not_corrupt_the_cache(tmp_path):
     root = layouts.write_chexpert(tmp_path / "x", n_patients=24, size=(64, 64))
     cache = tmp_path / "c"
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: the test process may already run JAX threads, and forking those can deadlock
+    ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     workers = [ctx.Process(target=_build_in_process, args=(root, cache, queue)) for _ in range(3)]
     for w in workers:
