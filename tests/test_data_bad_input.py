@@ -184,3 +184,14 @@ def test_truncated_jpeg_and_npz_without_the_key(tmp_path):
     jpg = root / table.df["path"][0]
     jpg.write_bytes(jpg.read_bytes()[:40])
     raises(lambda: _cache(table, root, tmp_path), "1 of", table.df["path"][0])
+
+
+def test_symlinked_dataset_folder_is_not_an_escape(tmp_path):
+    # Clusters keep datasets on shared storage and link them into data_root; the escape check judges
+    # the path written in the CSV ("..", absolute), not where a symlink inside data_root points.
+    store = layouts.write_chexpert(tmp_path / "store")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "CheXpert-v1.0-small").symlink_to(store / "CheXpert-v1.0-small", target_is_directory=True)
+    linked = datasets.load_dataset("chexpert", root)
+    assert linked.n_records == datasets.load_dataset("chexpert", store).n_records

@@ -14,6 +14,7 @@ One row per image. Required columns:
 
 import dataclasses
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +122,15 @@ def validate(table: RecordsTable, data_root=None) -> RecordsTable:
 
 
 def check_paths_inside(paths, data_root, name="dataset"):
-    """Refuses image paths that escape `data_root` (absolute paths, `..`)."""
-    root = Path(data_root).resolve()
+    """Refuses image paths that escape `data_root` (absolute paths, `..`).
+
+    The check is on the path text only: a symlink inside data_root (a dataset folder kept on other
+    storage) is the user's choice, and resolving every path would cost a stat per component.
+    """
     for p in paths:
-        resolved = (root / str(p)).resolve()
-        if resolved != root and root not in resolved.parents:
+        text = str(p)
+        normal = os.path.normpath(text)
+        if os.path.isabs(text) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
             raise MedleakError(f"{name}: image path {p!r} escapes --data_root={data_root}; paths must be relative to it")
 
 
