@@ -130,6 +130,16 @@ def test_record_auc_is_clipped_and_well_conditioned():
     np.testing.assert_allclose(auc, auc_shifted, atol=2e-4)  # large offsets do not break the variance
 
 
+def test_record_auc_of_a_record_every_model_scores_identically_is_one_half():
+    # Saturated scores (clipped at ±MAX_SCORE) are identical across models: no spread, no gap.
+    scores, masks = random_campaign()
+    scores[:, 3, :] = 700.0
+    auc, se = record_auc(scores, masks)
+    assert auc[3] == 0.5
+    assert np.isfinite(se[3])
+    assert np.isfinite(auc).all()
+
+
 def test_record_auc_refuses_records_without_in_or_out_models():
     scores, masks = random_campaign()
     masks[:, 5] = True

@@ -144,7 +144,8 @@ def gaussian_auc(mean_in, sd_in, mean_out, sd_out):
     diff = np.asarray(mean_in, dtype=np.float64) - mean_out
     scale = np.sqrt(np.square(sd_in, dtype=np.float64) + np.square(sd_out, dtype=np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.sign(diff) * np.inf)
+        # zero spread: the sign of the gap decides (±inf), and no gap at all is chance (z = 0)
+        z = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.sign(diff) * np.where(diff != 0, np.inf, 0.0))
     return np.maximum(special.ndtr(z), 0.5)
 
 
