@@ -60,6 +60,17 @@ def test_bad_values_are_refused_naming_the_flag(argv, flag):
         campaign_flags.train_config_from_flags(parsed("fitzpatrick", *argv))
 
 
+@pytest.mark.parametrize("argv,flag", [
+    (["--model=resnet"], "--model"), (["--model=wrn_27_2"], "--model"), (["--augment=heavy"], "--augment"),
+    (["--norm=layer"], "--norm"), (["--compute_dtype=float16"], "--compute_dtype"),
+])
+def test_unknown_names_are_refused_before_a_plan_records_them(argv, flag):
+    # Refused at flag parsing: were they first found while training, plan.json would already hold
+    # them and the corrected command would be refused as "a different config" on that logdir.
+    with pytest.raises(MedleakError, match=flag):
+        campaign_flags.train_config_from_flags(parsed("fitzpatrick", *argv))
+
+
 def test_unknown_dataset_is_refused():
     with pytest.raises(MedleakError, match="unknown dataset"):
         campaign_flags.define_flags("imagenet", flags.FlagValues())

@@ -135,6 +135,16 @@ def train_config_from_flags(flag_values=flags.FLAGS) -> TrainConfig:
         raise MedleakError(f"--dp_unit must be record or patient, got {config.dp_unit!r}")
     if config.epsilon <= 0:
         raise MedleakError(f"--epsilon must be positive (inf disables DP), got {config.epsilon}")
+    # Names are checked now, before the first worker writes them into plan.json (a logdir whose plan
+    # holds a bad name would refuse the corrected command as a different config).
+    from src.train_utils.augment import check_preset
+    from src.train_utils.models import create_model
+    from src.train_utils.training import COMPUTE_DTYPES
+
+    check_preset(config.augment)
+    create_model(config.model, 1, norm=config.norm)  # a flax module definition: nothing is compiled
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise MedleakError(f"--compute_dtype={config.compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
     return config
 
 
