@@ -63,6 +63,7 @@ def test_bad_values_are_refused_naming_the_flag(argv, flag):
 @pytest.mark.parametrize("argv,flag", [
     (["--model=resnet"], "--model"), (["--model=wrn_27_2"], "--model"), (["--augment=heavy"], "--augment"),
     (["--norm=layer"], "--norm"), (["--compute_dtype=float16"], "--compute_dtype"),
+    (["--epsilon=8", "--norm=batch"], "--norm=batch"), (["--epsilon=8", "--clip_norm=0"], "--clip_norm"),
 ])
 def test_unknown_names_are_refused_before_a_plan_records_them(argv, flag):
     # Refused at flag parsing: were they first found while training, plan.json would already hold

@@ -145,6 +145,10 @@ def train_config_from_flags(flag_values=flags.FLAGS) -> TrainConfig:
     create_model(config.model, 1, norm=config.norm)  # a flax module definition: nothing is compiled
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise MedleakError(f"--compute_dtype={config.compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+    if config.dp:
+        from src.dp.estimator import validate_dp_config
+
+        validate_dp_config(config)
     return config
 
 
