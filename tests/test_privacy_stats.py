@@ -302,6 +302,14 @@ def test_rmia_matches_loop(offline, trim):
     np.testing.assert_allclose(got, expected, atol=1e-9)
 
 
+@pytest.mark.parametrize("n_population", [0, -5])
+def test_rmia_population_must_hold_a_record(n_population):
+    scores, masks = random_campaign(n_models=6, n_records=10, n_views=1)
+    p = rmia_from_lira(scores)
+    with pytest.raises(MedleakError, match="population"):
+        rmia(p[1:], masks[1:], p[0], n_population=n_population)
+
+
 def test_rmia_offline_a_is_tuned_on_a_shadow_not_the_target():
     scores, masks = random_campaign(n_models=20, n_records=200, shift=1.5, seed=8)
     scores, masks = scores[::-1].copy(), masks[::-1].copy()

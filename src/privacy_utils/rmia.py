@@ -55,6 +55,8 @@ def reference_probability(stats, *, offline=False, a=None):
 
 def population_indices(n_records, n_population=DEFAULT_POPULATION, seed=0):
     """A fixed random subset of record indices (all records if n_population ≥ n_records)."""
+    if n_population < 1:
+        raise MedleakError(f"the RMIA population (--rmia_population) must hold at least 1 record, got {n_population}")
     if n_population >= n_records:
         return np.arange(n_records)
     return np.sort(np.random.default_rng(seed).choice(n_records, size=n_population, replace=False))
