@@ -220,3 +220,22 @@ def test_record_without_out_model_is_refused(tmp_path):
             logdir / "runs" / f"run_{run:04d}" / "record_mask.npy"))
     with pytest.raises(MedleakError, match=r"no OUT model .*p000_r0"):
         run_audit(logdir, AuditOptions(out_dir=tmp_path / "out", progress=False))
+
+
+@pytest.mark.parametrize("options,flag", [
+    (dict(top_share=0.0), "--top_share"), (dict(top_share=1.5), "--top_share"), (dict(rmia_trim=0.7), "--rmia_trim"),
+    (dict(rmia_gamma=0.0), "--rmia_gamma"), (dict(rmia_population=0), "--rmia_population"),
+    (dict(eval_size=0), "--eval_size"), (dict(data_root="/nonexistent/medleak"), "--data_root"),
+])
+def test_bad_audit_options_are_refused_naming_the_flag(tmp_path, options, flag):
+    logdir = write_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
+    with pytest.raises(MedleakError, match=flag):
+        run_audit(logdir, AuditOptions(out_dir=tmp_path / "out", progress=False, **options))
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
+    logdir = write_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(MedleakError, match="--out_dir"):
+        run_audit(logdir, AuditOptions(out_dir=tmp_path / "file" / "figs", progress=False))

@@ -45,6 +45,22 @@ class AuditOptions:
     progress: bool = True
 
 
+def check_options(options: AuditOptions) -> None:
+    """Refuses bad audit settings up front (before loading runs), naming mem_inf_stats.py's flag."""
+    if options.eval_size < 1:
+        raise MedleakError(f"--eval_size must be ≥ 1, got {options.eval_size}")
+    if not 0.0 < options.top_share <= 1.0:
+        raise MedleakError(f"--top_share must lie in (0, 1], got {options.top_share}")
+    if not 0.0 <= options.rmia_trim < 0.5:
+        raise MedleakError(f"--rmia_trim must lie in [0, 0.5), got {options.rmia_trim}")
+    if not options.rmia_gamma > 0:
+        raise MedleakError(f"--rmia_gamma must be > 0, got {options.rmia_gamma}")
+    if options.rmia_population < 1:
+        raise MedleakError(f"--rmia_population must be at least 1, got {options.rmia_population}")
+    if options.data_root is not None and not Path(options.data_root).is_dir():
+        raise MedleakError(f"--data_root={options.data_root} is not a directory (it is only needed for the image grid)")
+
+
 def split_targets(n_runs, eval_size):
     """(target rows, shadow rows): the last `eval_size` runs are targets, clamped to leave ≥ 2 shadows."""
     if eval_size < 1:
@@ -109,10 +125,14 @@ def _read_image(data_root, relative_path):
 
 def run_audit(logdir, options: AuditOptions = AuditOptions()):
     """Runs the whole audit; returns the attack_summary dict (also written to out_dir)."""
+    check_options(options)
     campaign = load_campaign(logdir, progress=options.progress)
     dataset = options.dataset or campaign.dataset
     out_dir = Path(options.out_dir) if options.out_dir else Path("figs") / dataset
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MedleakError(f"--out_dir={out_dir}: cannot create it ({e.strerror or e})") from None
     records = campaign.records
 
     # --- record and patient risk over all runs
