@@ -239,3 +239,10 @@ def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(MedleakError, match="--out_dir"):
         run_audit(logdir, AuditOptions(out_dir=tmp_path / "file" / "figs", progress=False))
+
+
+def test_unreadable_plan_json_is_a_one_line_error(tmp_path):
+    logdir = write_campaign(tmp_path / "logs", n_runs=3, n_patients=6)
+    (logdir / "plan.json").write_text("{not json")
+    with pytest.raises(MedleakError, match="plan.json: unreadable"):
+        load_campaign(logdir, progress=False)

@@ -117,3 +117,9 @@ def test_mismatched_config_or_dataset_is_refused_naming_the_keys(tmp_path):
     other_train, other_test = make_tables(n_patients=5)
     with pytest.raises(MedleakError, match="dataset_hash"):
         plan.ensure_plan(tmp_path, document(other_train, other_test, epochs=2), other_train, other_test)
+
+
+def test_unreadable_plan_json_is_a_one_line_error(tmp_path):
+    (tmp_path / plan.PLAN_FILE).write_text('{"format": 1, "dataset": ')  # cut short (a hand edit, a full disk)
+    with pytest.raises(MedleakError, match="plan.json: unreadable"):
+        plan.read_plan(tmp_path)

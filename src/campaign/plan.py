@@ -153,7 +153,10 @@ def read_plan(logdir) -> dict | None:
     path = Path(logdir) / PLAN_FILE
     if not path.is_file():
         return None
-    return read_json(path)
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MedleakError(f"{path}: unreadable ({e}); restore it or start a new --logdir") from None
 
 
 def write_plan(logdir, document: dict, patient_mask: np.ndarray, patient_ids, train_table,

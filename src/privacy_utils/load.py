@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from src.campaign.plan import read_plan
 from src.campaign.rundir import RUN_FILES, list_complete_runs, run_dir
 from src.data_utils.records import read_csv, require_columns
 from src.errors import MedleakError
-from src.io_utils import load_npy, read_json
+from src.io_utils import load_npy
 from src.privacy_utils.scores import TASKS, lira_scores
 
 SCORE_CHUNK = 8192  # records per scoring chunk: bounded float64 temporaries
@@ -74,7 +75,7 @@ def read_plan_files(logdir):
     plan_path = logdir / "plan.json"
     if not plan_path.is_file():
         raise MedleakError(f"{plan_path}: missing; --logdir must be a campaign logdir written by a dataset script (e.g. chexpert.py)")
-    plan = read_json(plan_path)
+    plan = read_plan(logdir)
     for key in ("label_names", "task"):
         if key not in plan:
             raise MedleakError(f"{plan_path}: lacks {key!r}; re-create the campaign with the current version")
