@@ -161,6 +161,9 @@ def _pooled_sd(sd, counts):
     return pooled if pooled > 0 else 1.0
 
 
+TARGET_CHUNK = 4096  # records per block when scoring targets: large enough to amortise numpy call overhead
+
+
 def lira_from_stats(stats, target_scores, *, offline=False, fix_variance=False):
     """LiRA scores (n_targets, n_records) for target observations (n_targets, n_records, n_views)."""
     target_scores = np.asarray(target_scores)
@@ -174,15 +177,19 @@ def lira_from_stats(stats, target_scores, *, offline=False, fix_variance=False):
         raise MedleakError(f"target_scores {target_scores.shape} must be (n_targets, {n_records}, {n_views}) like the shadow scores")
     mu_in, sd_in, mu_out, sd_out = gaussian_params(stats, offline=offline, fix_variance=fix_variance)
     result = np.empty(target_scores.shape[:2])
-    for t, observed in enumerate(target_scores):
-        observed = observed.astype(np.float64)
-        z_out = (observed - mu_out) / sd_out
-        if offline:
-            result[t] = special.log_ndtr(z_out).mean(axis=1)
-        else:
-            z_in = (observed - mu_in) / sd_in
-            log_ratio = 0.5 * (z_out * z_out - z_in * z_in) + np.log(sd_out / sd_in)
-            result[t] = log_ratio.mean(axis=1)
+
+    def work(a, b):  # a block of records for every target; numpy releases the GIL, so blocks run in parallel
+        for t, observed in enumerate(target_scores[:, a:b]):
+            observed = observed.astype(np.float64)
+            z_out = (observed - mu_out[a:b]) / sd_out[a:b]
+            if offline:
+                result[t, a:b] = special.log_ndtr(z_out).mean(axis=1)
+            else:
+                z_in = (observed - mu_in[a:b]) / sd_in[a:b]
+                log_ratio = 0.5 * (z_out * z_out - z_in * z_in) + np.log(sd_out[a:b] / sd_in[a:b])
+                result[t, a:b] = log_ratio.mean(axis=1)
+
+    map_chunks(work, n_records, chunk=TARGET_CHUNK)
     return result[0] if single else result
 
 
