@@ -195,3 +195,10 @@ def test_symlinked_dataset_folder_is_not_an_escape(tmp_path):
     (root / "CheXpert-v1.0-small").symlink_to(store / "CheXpert-v1.0-small", target_is_directory=True)
     linked = datasets.load_dataset("chexpert", root)
     assert linked.n_records == datasets.load_dataset("chexpert", store).n_records
+
+
+@pytest.mark.parametrize("option,template", [("image_path", "{cohort}/{folder}/{filename}"),
+                                             ("summary_csv", "{cohort}/{oops.csv")])
+def test_bad_fairvision_path_template_names_the_flag(tmp_path, option, template):
+    root = layouts.write_fairvision(tmp_path)
+    raises(lambda: datasets.load_dataset("fairvision", root, **{option: template}), f"--{option}", template)

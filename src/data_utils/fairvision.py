@@ -86,7 +86,7 @@ def load(data_root, **options) -> records.RecordsTable:
 def _read_cohort(data_root, cohort, opts) -> pd.DataFrame:
     key = cohort.lower()
     flag = "--summary_csv"
-    path = records.resolve_file(data_root, opts["summary_csv"].format(cohort=cohort, cohort_lower=key), flag)
+    path = records.resolve_file(data_root, _fill(opts["summary_csv"], "--summary_csv", cohort=cohort, cohort_lower=key), flag)
     df = records.read_csv(path, flag)
     filename, use = opts["filename_column"], opts["split_column"]
     records.require_columns(df, [filename, use, key, opts["race_column"], opts["sex_column"],
@@ -105,8 +105,17 @@ def _read_cohort(data_root, cohort, opts) -> pd.DataFrame:
                            "training/validation/test (check --split_column)")
     names = df[filename].astype(str).str.strip()
     df["split"] = split
-    df["path"] = [opts["image_path"].format(cohort=cohort, Use=u.title(), use=u, filename=n)
+    df["path"] = [_fill(opts["image_path"], "--image_path", cohort=cohort, Use=u.title(), use=u, filename=n)
                   for u, n in zip(official, names)]
     df["patient_id"] = key + "_" + names.str.replace(r"^data_|\.npz$", "", regex=True)
     df["record_id"] = df["patient_id"]
     return df
+
+
+def _fill(template, flag, **values) -> str:
+    """A path template filled in, or a one-line error naming the flag and the fields it may use."""
+    try:
+        return str(template).format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise MedleakError(f"{flag}={template!r} is not a valid template ({type(e).__name__}: {e}); "
+                           f"it may use {{{'}, {'.join(values)}}}") from None
