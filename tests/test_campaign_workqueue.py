@@ -344,3 +344,11 @@ def test_bad_queue_settings_are_refused(tmp_path):
         WorkQueue(tmp_path, lease_seconds=0)
     with pytest.raises(MedleakError, match="--max_attempts"):
         WorkQueue(tmp_path, max_attempts=0)
+
+
+def test_a_logdir_that_cannot_be_created_is_a_one_line_error(tmp_path):
+    from src.errors import MedleakError
+
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(MedleakError, match="--logdir"):
+        WorkQueue(tmp_path / "file" / "logs")

@@ -82,7 +82,10 @@ class WorkQueue:
         self.max_attempts = int(max_attempts)
         self.lock_timeout = float(lock_timeout)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MedleakError(f"--logdir={self.logdir}: cannot create {self.dir} ({e.strerror or e})") from None
         # Re-entrant within a thread; each thread has its own descriptor, so the heartbeat thread
         # and the main thread exclude each other like two processes do.
         self._lock = filelock.FileLock(str(self.lock_path), timeout=self.lock_timeout)
