@@ -160,3 +160,13 @@ def test_bad_size_is_refused(tmp_path, size):
     table = datasets.load_dataset("fitzpatrick", root)
     with pytest.raises(MedleakError, match="img_size"):
         image_cache.cached_images(table, root, size, cache_dir=tmp_path / "c")
+
+
+def test_a_cache_dir_that_cannot_be_created_is_a_one_line_error(tmp_path):
+    # A MedleakError (bad input) stops the worker; a plain OSError would be retried as a failed
+    # attempt of every run in turn until all their attempts are used up.
+    root = layouts.write_fitzpatrick(tmp_path / "f", n_patients=3)
+    table = datasets.load_dataset("fitzpatrick", root)
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(MedleakError, match="--cache_dir"):
+        image_cache.cached_images(table, root, 8, cache_dir=tmp_path / "file" / "cache")

@@ -49,7 +49,11 @@ def cached_images(table, data_root, img_size, *, cache_dir=None, num_workers=Non
     npy_path = cache_path(table, size, cache_dir, table_hash=table_hash)
     meta = _read_valid(npy_path, table, table_hash, size, skip_unreadable)
     if meta is None:
-        npy_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            npy_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MedleakError(f"--cache_dir: cannot create {npy_path.parent} ({e.strerror or e}); "
+                               f"set --cache_dir or ${ENV_CACHE_DIR} to a writable folder") from None
         with filelock.FileLock(str(npy_path) + ".lock"):
             meta = _read_valid(npy_path, table, table_hash, size, skip_unreadable)  # built meanwhile?
             if meta is None:
