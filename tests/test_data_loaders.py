@@ -200,3 +200,12 @@ def test_every_loader_output_round_trips_through_validate(tmp_path, name):
     assert records.validate(table, root) is table
     train, test = set(table.split("train").patient_ids()), set(table.split("test").patient_ids())
     assert train and test and not train & test
+
+
+def test_integer_ids_read_as_float_because_of_blanks_match_the_other_tables():
+    # pandas reads an integer id column with a blank as float64 (10.0); its ids must still read
+    # "10", as in a table without blanks, or joins on the id silently drop every row.
+    with_blank = records.id_strings(pd.Series([10.0, np.nan, 12.0]))
+    assert with_blank[0] == "10" and with_blank[2] == "12" and pd.isna(with_blank[1])
+    assert records.id_strings(pd.Series([10, 12])).tolist() == ["10", "12"]
+    assert records.id_strings(pd.Series(["a1", None, " b2 "])).tolist()[::2] == ["a1", "b2"]

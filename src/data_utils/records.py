@@ -209,8 +209,11 @@ def optional_file(data_root, relpath, flag, fallbacks=()):
 def id_strings(values: pd.Series) -> pd.Series:
     """Ids as strings without a float's '.0' (pandas reads integer id columns with blanks as float)."""
     numeric = pd.to_numeric(values, errors="coerce")
-    if numeric.notna().all() and (numeric == numeric.round()).all():
-        return numeric.astype("int64").astype(str)
+    present = values.notna()  # blanks stay missing; only the ids that are there are compared
+    if present.any() and numeric[present].notna().all() and (numeric[present] == numeric[present].round()).all():
+        out = pd.Series(np.nan, index=values.index, dtype=object)
+        out[present] = numeric[present].astype("int64").astype(str)
+        return out
     return values.astype(str).str.strip()
 
 
