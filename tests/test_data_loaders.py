@@ -209,3 +209,13 @@ def test_integer_ids_read_as_float_because_of_blanks_match_the_other_tables():
     assert with_blank[0] == "10" and with_blank[2] == "12" and pd.isna(with_blank[1])
     assert records.id_strings(pd.Series([10, 12])).tolist() == ["10", "12"]
     assert records.id_strings(pd.Series(["a1", None, " b2 "])).tolist()[::2] == ["a1", "b2"]
+
+
+def test_non_hispanic_race_descriptions_are_not_counted_as_hispanic():
+    # CheXpert's PRIMARY_RACE spells ethnicity into the race ("Other, non-Hispanic"); "non-Hispanic"
+    # must not put a patient in the Hispanic/Latino group.
+    values = pd.Series(["Other, non-Hispanic", "Pacific Islander, non-Hispanic", "Native American, non-Hispanic",
+                        "Not Hispanic or Latino", "White, non-Hispanic", "Other, Hispanic",
+                        "HISPANIC/LATINO - PUERTO RICAN", "Black, non-Hispanic", "Asian, non-Hispanic"])
+    assert records.race_group(values).tolist() == ["Other", "Other", "Other", "Other", "White", "Hispanic/Latino",
+                                                   "Hispanic/Latino", "Black", "Asian"]

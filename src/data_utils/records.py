@@ -239,7 +239,7 @@ def race_group(series: pd.Series) -> pd.Series:
     text = subgroup_values(series).str.lower()
     out = pd.Series("Other", index=series.index, dtype=object)
     rules = [  # later rules win; unknown last so 'Unknown, Unavailable' never counts as a group
-        (r"hispanic|latino", "Hispanic/Latino"),
+        (r"^(?!.*\bno[nt][- ]hispanic).*(?:hispanic|latino)", "Hispanic/Latino"),  # not "non-Hispanic"
         (r"white|caucasian", "White"),
         (r"\basian", "Asian"),
         (r"black|african", "Black"),
