@@ -6,6 +6,13 @@ Reads every complete run of --logdir (ids, labels and subgroups come from its re
 writes record_risk.csv, patient_risk.csv, attack_summary.json, figures (PNG + PDF) and a
 self-contained report.html into --out_dir (default ./figs/<dataset>). --data_root adds a grid of the
 most vulnerable images.
+
+    python mem_inf_stats.py --logdir=logs/dp_eps1/chexpert,logs/dp_eps8/chexpert,logs/dp_epsinf/chexpert
+
+Several comma-separated logdirs of one dataset (e.g. campaigns at different --epsilon, from
+scripts/dp_all.sh): each is audited into <out_dir>/<logdir name>/, and the comparison across privacy
+budgets (budgets.csv, eSF per epsilon with its AUC bound, utility against epsilon, budgets.html) goes
+into --out_dir (default ./figs/<dataset>_dp).
 """
 
 from absl import app, flags
@@ -13,7 +20,8 @@ from absl import app, flags
 from src.cli import main_guard
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("logdir", None, "Campaign logdir written by a dataset script (plan.json, runs/).")
+flags.DEFINE_string("logdir", None, "Campaign logdir written by a dataset script (plan.json, runs/); several, comma-separated, "
+                    "compare privacy budgets.")
 flags.DEFINE_string("dataset", None, "Name used in titles and the default --out_dir (default: from plan.json).")
 flags.DEFINE_string("out_dir", None, "Where tables, figures and report.html go (default: ./figs/<dataset>).")
 flags.DEFINE_string("data_root", None, "Dataset root; only needed for the grid of most vulnerable images.")
@@ -36,6 +44,16 @@ def main(argv):
     options = AuditOptions(out_dir=FLAGS.out_dir, dataset=FLAGS.dataset, eval_size=FLAGS.eval_size, data_root=FLAGS.data_root,
                            seed=FLAGS.seed, rmia_gamma=FLAGS.rmia_gamma, rmia_trim=FLAGS.rmia_trim,
                            rmia_population=FLAGS.rmia_population, top_share=FLAGS.top_share)
+    if "," in FLAGS.logdir:
+        from src.privacy_utils.budgets import compare_budgets, parse_logdirs
+
+        summary = compare_budgets(parse_logdirs(FLAGS.logdir), options)
+        for row in summary["budgets"]:
+            print(f"{row['logdir']}: epsilon {row['target_epsilon']:g} ({row['unit']}), test AUROC {row['test_auroc_mean']:.3f}, "
+                  f"AUC bound {row['auc_bound']:.3f}, records above it {100 * row['share_records_above_bound']:.1f} %, "
+                  f"empirical epsilon >= {row['empirical_epsilon_lb']:.3g}")
+        print(f"report: {summary['report']}")
+        return
     summary = run_audit(FLAGS.logdir, options)
     best = max(summary["attacks"], key=lambda k: summary["attacks"][k]["auc"]["mean"])
     print(f"{summary['n_runs']} runs, {summary['n_records']} records, {summary['n_patients']} patients")

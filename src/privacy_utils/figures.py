@@ -134,3 +134,72 @@ def vulnerable_grid(images, captions, out_dir, name="vulnerable_images"):
         ax.set_title(caption, fontsize=8)
     fig.suptitle("Most vulnerable images (highest record AUC)")
     return save(fig, out_dir, name)
+
+
+# --- across privacy budgets (src/privacy_utils/budgets.py)
+
+
+def budget_esf_figure(curves, out_dir, name, title, unit):
+    """eSF per privacy budget on one log-y axis; curves = [(label, AUCs, bound or None, bound label)].
+
+    Each bound is a dashed vertical line in its curve's colour: the largest AUC that budget allows.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for index, (label, values, bound, bound_label) in enumerate(curves):
+        color = f"C{index}"
+        _esf_axes(ax, np.asarray(values), f"{label}, n={len(values)}", color=color)
+        if bound is not None and bound < 1.0:
+            ax.axvline(bound, color=color, ls="--", lw=1.2, label=f"{bound_label} {bound:.3f}")
+    ax.set_yscale("log")
+    ax.set_xlim(0.5, 1.0)
+    ax.set_xlabel("attack AUC x")
+    ax.set_ylabel(f"share of {unit} with AUC > x")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, name)
+
+
+def _epsilon_ticks(ax, epsilons, positions):
+    ax.set_xscale("log")
+    ax.set_xticks(positions, ["∞" if not np.isfinite(e) else f"{e:g}" for e in epsilons])
+    ax.minorticks_off()
+    ax.set_xlabel("privacy budget ε (∞ = no DP)")
+
+
+def utility_vs_epsilon_figure(table, out_dir, name):
+    """Test macro AUROC and accuracy (mean ± sd over runs) against ε; table: budgets.csv rows."""
+    from src.privacy_utils.budgets import epsilon_axis
+
+    order = np.argsort(epsilon_axis(table["target_epsilon"]), kind="stable")
+    epsilons = table["target_epsilon"].to_numpy(float)[order]
+    x = epsilon_axis(epsilons)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for column, label in (("test_auroc", "test macro AUROC"), ("test_accuracy", "test accuracy")):
+        ax.errorbar(x, table[f"{column}_mean"].to_numpy(float)[order], yerr=table[f"{column}_sd"].to_numpy(float)[order],
+                    marker="o", capsize=3, label=label)
+    _epsilon_ticks(ax, epsilons, x)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("utility (mean ± sd over models)")
+    ax.set_title("Utility against the privacy budget")
+    ax.legend(fontsize=8)
+    return save(fig, out_dir, name)
+
+
+def subgroup_utility_vs_epsilon_figure(table, out_dir, name, attribute):
+    """Test macro AUROC per category of `attribute` against ε; table rows: target_epsilon, category, auroc_mean/sd."""
+    from src.privacy_utils.budgets import epsilon_axis
+
+    all_epsilons = np.unique(table["target_epsilon"].to_numpy(float))
+    all_x = epsilon_axis(all_epsilons)
+    position = dict(zip(all_epsilons.tolist(), all_x.tolist()))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for category, rows in table.groupby("category", sort=True):
+        rows = rows.sort_values("target_epsilon")
+        x = [position[e] for e in rows["target_epsilon"].to_numpy(float)]
+        ax.errorbar(x, rows["auroc_mean"], yerr=rows["auroc_sd"], marker="o", capsize=3, label=str(category))
+    _epsilon_ticks(ax, all_epsilons, all_x)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("test macro AUROC (mean ± sd over models)")
+    ax.set_title(f"Utility by {attribute} against ε")
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, name)

@@ -1,0 +1,388 @@
+"""The audit across privacy budgets: several campaign logdirs of one dataset, each trained at its own
+ε (DP-SGD, or ordinary training = ε ∞), compared side by side. `compare_budgets` is what
+`mem_inf_stats.py --logdir=a,b,c` calls; everything else here is a pure function.
+
+Per logdir: its guarantee (from the runs' metrics.json "dp"; ∞ when absent), test utility, the
+record/patient risk of its single audit (record_risk.csv, patient_risk.csv) and
+
+- **the AUC bound its guarantee implies** (`src.dp.accounting`): runs differ slightly (each run
+  calibrates σ for its own number of units), so the bound is taken for the weakest guarantee of
+  any run. When all runs share σ, q and steps and batches never overflow it is exactly
+  `auc_upper_bound_for_training(σ, q, steps)`. Otherwise the bound uses the profile of the
+  untruncated mechanism with (smallest σ, largest q, most steps), which dominates every run's
+  (more noise, fewer samples or fewer steps are post-processing of it), plus (1 + e^ε)·η on δ
+  for η = steps × the per-step truncation probability (the total-variation distance between
+  truncated and untruncated sampling): never smaller than any run's own bound.
+- **patient-level bounds**: with patient-level DP the same bound applies to a patient. With
+  record-level DP a patient with k images is protected only through group privacy:
+  (kε, k·e^{(k−1)ε}·δ), so each patient is compared with the bound for their own k.
+- **an empirical ε lower bound** (Clopper–Pearson, `empirical_epsilon_lower_bound`) from the
+  strongest LiRA/loss attack's scores on the held-out target models, pooled over targets and
+  records. Records of one model (and of one patient) are not independent trials, so the interval
+  is optimistic; it is a diagnostic beside the theoretical ε, not a proof.
+"""
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from src.campaign.rundir import METRICS_FILE, list_complete_runs, run_dir
+from src.errors import MedleakError
+from src.io_utils import read_json, write_csv, write_json
+from src.privacy_utils import figures, report
+from src.privacy_utils.audit import AuditOptions, check_options, run_audit, split_targets
+from src.privacy_utils.lira import lira_from_stats, shadow_stats
+from src.privacy_utils.load import load_campaign, read_plan_files
+from src.privacy_utils.roc import summarise_attack
+from src.privacy_utils.scores import log_p_from_lira
+
+LIRA_VARIANTS = (("LiRA online", {}), ("LiRA online, fixed variance", {"fix_variance": True}),
+                 ("LiRA offline", {"offline": True}), ("LiRA offline, fixed variance", {"offline": True, "fix_variance": True}))
+INDEPENDENCE_NOTE = ("empirical epsilon pools all records of the held-out target models as trials; records of one "
+                     "model (and of one patient) are not independent, so this lower bound is optimistic (a diagnostic)")
+
+
+# --------------------------------------------------------------------- reading the logdirs
+
+
+def parse_logdirs(text):
+    """`a,b,c` → [Path]; an empty entry or a repeated logdir is a one-line error."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if any(not p for p in parts):
+        raise MedleakError(f"--logdir={text}: empty entry in the comma-separated list")
+    paths = [Path(p) for p in parts]
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise MedleakError(f"--logdir={text}: a logdir is listed twice")
+    return paths
+
+
+def logdir_labels(logdirs):
+    """Short unique names: the fewest trailing path parts that tell the logdirs apart, joined by '_'.
+
+    `logs/dp_eps1/chexpert, logs/dp_eps8/chexpert` → `dp_eps1_chexpert, dp_eps8_chexpert`.
+    """
+    parts = [Path(p).resolve().parts for p in logdirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["_".join(p[-depth:]).strip("/") for p in parts]
+        names = [re.sub(r"[^A-Za-z0-9._-]+", "_", n).strip("_") or "logdir" for n in names]
+        if len(set(names)) == len(names):
+            return names
+    return [f"logdir{i}" for i in range(len(logdirs))]
+
+
+def check_same_dataset(plans, logdirs):
+    """All logdirs must hold campaigns of one dataset (same name and, when recorded, the same records)."""
+    first = plans[0]
+    for plan, logdir in zip(plans[1:], logdirs[1:]):
+        for key in ("dataset", "dataset_hash", "test_dataset_hash", "label_names", "task"):
+            if key in first and key in plan and first[key] != plan[key]:
+                raise MedleakError(f"--logdir: {logdir} holds a different dataset than {logdirs[0]} (plan.json {key!r} differs); "
+                                   "compare campaigns of one dataset only")
+
+
+def read_run_metrics(logdir):
+    """[metrics dict] of every complete run of `logdir` (one-line error for an unreadable file)."""
+    out = []
+    for run in list_complete_runs(logdir):
+        path = run_dir(logdir, run) / METRICS_FILE
+        if not path.is_file():
+            continue
+        try:
+            out.append(read_json(path))
+        except (ValueError, OSError) as e:
+            raise MedleakError(f"{path}: unreadable ({str(e).splitlines()[0]}); delete the run directory and train it again") from None
+    if not out:
+        raise MedleakError(f"{Path(logdir) / 'runs'}: no complete runs with metrics.json; train the campaign first")
+    return out
+
+
+# --------------------------------------------------------------------- pure functions
+
+
+def guarantee(dp_dicts, source="logdir"):
+    """The campaign's guarantee from its runs' "dp" dicts (None = ordinary training).
+
+    Returns dict target_epsilon (inf without DP), epsilon (largest spent over runs), delta (largest),
+    unit ("none" without DP), sigma_min/sigma_max, q (largest), steps (most), truncation (largest
+    per-step truncation probability), n_runs. Mixed DP/non-DP runs or mixed targets/units are an error.
+    """
+    has_dp = [d is not None for d in dp_dicts]
+    if not dp_dicts:
+        raise MedleakError(f"{source}: no runs")
+    if any(has_dp) and not all(has_dp):
+        raise MedleakError(f"{source}: some runs were trained with DP and some without; one campaign must use one --epsilon")
+    if not any(has_dp):
+        return dict(target_epsilon=math.inf, epsilon=math.inf, delta=math.nan, unit="none", sigma_min=0.0, sigma_max=0.0,
+                    q=math.nan, steps=0, truncation=0.0, n_runs=len(dp_dicts))
+    for key in ("target_epsilon", "unit"):
+        values = {d.get(key) for d in dp_dicts}
+        if len(values) > 1:
+            raise MedleakError(f"{source}: runs disagree on dp {key} ({sorted(map(str, values))}); one campaign must use one setting")
+    try:
+        sigmas = [float(d["noise_multiplier"]) for d in dp_dicts]
+        return dict(target_epsilon=float(dp_dicts[0]["target_epsilon"]),
+                    epsilon=max(float(d["epsilon"]) for d in dp_dicts),
+                    delta=max(float(d["delta"]) for d in dp_dicts),
+                    unit=str(dp_dicts[0]["unit"]), sigma_min=min(sigmas), sigma_max=max(sigmas),
+                    q=max(float(d["sampling_rate"]) for d in dp_dicts), steps=max(int(d["steps"]) for d in dp_dicts),
+                    truncation=max(float(d.get("truncation_prob_per_step") or 0.0) for d in dp_dicts),
+                    n_runs=len(dp_dicts))
+    except (KeyError, TypeError, ValueError) as e:
+        raise MedleakError(f"{source}: a run's metrics.json 'dp' lacks or garbles {e}; re-train it with the current version") from None
+
+
+def auc_bound(facts, n_epsilons=400):
+    """Upper bound on any membership test's AUC against one unit, for the weakest run (module doc)."""
+    from src.dp.accounting import auc_upper_bound, auc_upper_bound_for_training, privacy_profile, spent_epsilon
+
+    if not math.isfinite(facts["target_epsilon"]) or facts["sigma_min"] == 0:
+        return 1.0
+    sigma, q, steps = facts["sigma_min"], facts["q"], facts["steps"]
+    eta = steps * facts["truncation"]
+    if eta == 0:
+        return auc_upper_bound_for_training(sigma, q, steps, n_epsilons=n_epsilons)
+    eps_max = spent_epsilon(sigma, q, steps, 1e-12)
+    epsilons = np.linspace(0.0, max(eps_max, 1e-3), n_epsilons)
+    deltas = privacy_profile(sigma, q, steps, epsilons) + (1.0 + np.exp(epsilons)) * eta
+    return auc_upper_bound(epsilons, np.minimum(deltas, 1.0))
+
+
+def group_privacy(epsilon, delta, k):
+    """(ε, δ)-DP for one unit → (kε, k·e^{(k−1)ε}·δ) for a group of k units (δ capped at 1)."""
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"group size must be ≥ 1, got {k}")
+    with np.errstate(over="ignore"):
+        return k * epsilon, float(min(1.0, k * math.exp(min((k - 1) * epsilon, 700.0)) * delta))
+
+
+def patient_bounds(facts, record_bound, n_records_per_patient):
+    """AUC bound per patient: the unit bound at patient level; group privacy of k records at record level."""
+    from src.dp.accounting import auc_upper_bound
+
+    k = np.asarray(n_records_per_patient, dtype=np.int64)
+    if facts["unit"] != "record" or not math.isfinite(facts["epsilon"]):
+        return np.full(k.shape, record_bound, dtype=np.float64)
+    cache = {1: record_bound}
+    for size in np.unique(k):
+        if int(size) not in cache:
+            eps_k, delta_k = group_privacy(facts["epsilon"], facts["delta"], size)
+            cache[int(size)] = 1.0 if delta_k >= 1.0 else auc_upper_bound([eps_k], [delta_k])
+    return np.array([cache[int(s)] for s in k], dtype=np.float64)
+
+
+def mean_sd(values):
+    """(mean, sd) over the finite values (NaN, NaN when none)."""
+    values = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return (float(values.mean()), float(values.std())) if values.size else (math.nan, math.nan)
+
+
+def utility_summary(metrics):
+    """Mean ± sd over runs of test macro AUROC and accuracy from runs' metrics.json."""
+    tests = [m.get("test") or {} for m in metrics]
+    auroc, auroc_sd = mean_sd([t.get("macro_auroc") for t in tests])
+    accuracy, accuracy_sd = mean_sd([t.get("accuracy") for t in tests])
+    return dict(auroc_mean=auroc, auroc_sd=auroc_sd, accuracy_mean=accuracy, accuracy_sd=accuracy_sd)
+
+
+def subgroup_utility(metrics):
+    """DataFrame attribute, category, auroc_mean, auroc_sd, n_runs from runs' test subgroup metrics."""
+    values = {}
+    for m in metrics:
+        for attribute, groups in ((m.get("test") or {}).get("subgroups") or {}).items():
+            for category, group in (groups or {}).items():
+                values.setdefault((attribute, str(category)), []).append((group or {}).get("macro_auroc"))
+    rows = []
+    for (attribute, category), aurocs in sorted(values.items()):
+        mean, sd = mean_sd(aurocs)
+        rows.append(dict(attribute=attribute, category=category, auroc_mean=mean, auroc_sd=sd, n_runs=len(aurocs)))
+    return pd.DataFrame(rows, columns=["attribute", "category", "auroc_mean", "auroc_sd", "n_runs"])
+
+
+def strongest_attack_scores(scores, masks, eval_size):
+    """(name, in_scores, out_scores) of the strongest LiRA variant or loss threshold on held-out targets.
+
+    The same split and scoring as the single audit (`audit.attack_suite`): the last `eval_size`
+    runs are targets, the others shadows; strongest = highest mean AUC over targets.
+    """
+    targets, shadows = split_targets(scores.shape[0], eval_size)
+    target_scores, target_masks = scores[targets], masks[targets]
+    stats = shadow_stats(scores[shadows], masks[shadows])
+    candidates = {name: lira_from_stats(stats, target_scores, **kwargs) for name, kwargs in LIRA_VARIANTS}
+    candidates["Loss threshold"] = log_p_from_lira(target_scores).mean(axis=2)
+    aucs = {name: summarise_attack(s, target_masks)[0]["auc"]["mean"] for name, s in candidates.items()}
+    best = max(aucs, key=aucs.get)
+    attack = np.asarray(candidates[best], dtype=np.float64)
+    finite = np.isfinite(attack)
+    return best, attack[target_masks & finite], attack[~target_masks & finite]
+
+
+def epsilon_axis(epsilons):
+    """x positions for ε on a log axis: ∞ sits one decade right of the largest finite ε."""
+    epsilons = np.asarray(epsilons, dtype=np.float64)
+    finite = epsilons[np.isfinite(epsilons)]
+    infinity = 10.0 * finite.max() if finite.size else 1.0
+    return np.where(np.isfinite(epsilons), epsilons, infinity)
+
+
+def budget_row(label, facts, utility, record_table, patient_table, bound, patient_bound, empirical, attack):
+    """One row of budgets.csv (see `BUDGET_COLUMNS`)."""
+    auc, se = record_table["auc"].to_numpy(float), record_table["auc_se"].to_numpy(float)
+    patient_auc = patient_table["auc_max"].to_numpy(float)
+    return dict(
+        logdir=label, target_epsilon=facts["target_epsilon"], spent_epsilon=facts["epsilon"], delta=facts["delta"],
+        unit=facts["unit"], sigma_min=facts["sigma_min"], sigma_max=facts["sigma_max"], q=facts["q"], steps=facts["steps"],
+        n_runs=facts["n_runs"], test_auroc_mean=utility["auroc_mean"], test_auroc_sd=utility["auroc_sd"],
+        test_accuracy_mean=utility["accuracy_mean"], test_accuracy_sd=utility["accuracy_sd"],
+        auc_bound=bound, share_records_above_bound=float(np.mean(auc > bound)),
+        share_records_above_bound_2se=float(np.mean(auc - 2 * se > bound)),
+        share_patients_above_bound=float(np.mean(patient_auc > patient_bound)), max_record_auc=float(auc.max()),
+        max_patient_auc=float(patient_auc.max()), empirical_epsilon_lb=empirical, theoretical_epsilon=facts["epsilon"],
+        attack=attack, note=INDEPENDENCE_NOTE,
+    )
+
+
+# --------------------------------------------------------------------- orchestration
+
+
+@dataclasses.dataclass
+class _Budget:
+    logdir: Path
+    label: str
+    facts: dict
+    metrics: list
+
+
+def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
+    """Audits each logdir into <out_dir>/<label>/ and compares them in <out_dir>/ (budgets.csv, figures,
+    budgets.html). Returns a summary dict (also written as budgets.json). Checks every logdir first."""
+    from src.dp.accounting import empirical_epsilon_lower_bound
+
+    check_options(options)
+    logdirs = [Path(p) for p in logdirs]
+    if len(logdirs) < 2:
+        raise MedleakError("--logdir: the comparison across budgets needs at least 2 comma-separated logdirs")
+    plans = [read_plan_files(p)[0] for p in logdirs]  # one-line errors for a missing/bad logdir, before any work
+    check_same_dataset(plans, logdirs)
+    dataset = options.dataset or str(plans[0].get("dataset", logdirs[0].name))
+    out_dir = Path(options.out_dir) if options.out_dir else Path("figs") / f"{dataset}_dp"
+    budgets = []
+    for logdir, label in zip(logdirs, logdir_labels(logdirs)):
+        metrics = read_run_metrics(logdir)
+        budgets.append(_Budget(logdir, label, guarantee([m.get("dp") for m in metrics], source=str(logdir)), metrics))
+    budgets.sort(key=lambda b: (b.facts["target_epsilon"], b.label))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MedleakError(f"--out_dir={out_dir}: cannot create it ({e.strerror or e})") from None
+
+    rows, record_curves, patient_curves, subgroup_rows = [], [], [], []
+    for budget in tqdm(budgets, desc="budgets", unit="logdir", disable=not options.progress):
+        single_dir = out_dir / budget.label
+        run_audit(budget.logdir, dataclasses.replace(options, out_dir=single_dir, dataset=dataset))
+        record_table = pd.read_csv(single_dir / "record_risk.csv", dtype={"record_id": str, "patient_id": str}, keep_default_na=False)
+        patient_table = pd.read_csv(single_dir / "patient_risk.csv", dtype={"patient_id": str}, keep_default_na=False)
+        bound = auc_bound(budget.facts)
+        p_bounds = patient_bounds(budget.facts, bound, patient_table["n_records"].to_numpy())
+        campaign = load_campaign(budget.logdir, progress=False)
+        attack, in_scores, out_scores = strongest_attack_scores(campaign.scores, campaign.masks, options.eval_size)
+        del campaign
+        delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else 1.0 / len(record_table)
+        empirical = empirical_epsilon_lower_bound(in_scores, out_scores, delta) if in_scores.size and out_scores.size else 0.0
+        rows.append(budget_row(budget.label, budget.facts, utility_summary(budget.metrics), record_table, patient_table,
+                               bound, p_bounds, empirical, attack))
+        name = _epsilon_text(budget.facts["target_epsilon"])
+        finite = math.isfinite(budget.facts["target_epsilon"])
+        record_curves.append((f"ε = {name} ({budget.facts['unit']}-level)" if finite else "ε = ∞ (no DP)",
+                              record_table["auc"].to_numpy(float), bound if finite else None))
+        if finite and budget.facts["unit"] == "record":
+            p_line, p_text = float(p_bounds.max()), f"group privacy, {int(patient_table['n_records'].max())} images"
+        else:
+            p_line, p_text = (bound, "patient-level bound") if finite else (None, None)
+        patient_curves.append((record_curves[-1][0], patient_table["auc_max"].to_numpy(float), p_line, p_text))
+        groups = subgroup_utility(budget.metrics)
+        groups.insert(0, "target_epsilon", budget.facts["target_epsilon"])
+        groups.insert(0, "logdir", budget.label)
+        subgroup_rows.append(groups)
+
+    table = pd.DataFrame(rows)
+    write_csv(out_dir / "budgets.csv", table)
+    subgroup_table = pd.concat(subgroup_rows, ignore_index=True)
+    write_csv(out_dir / "budgets_utility_by_subgroup.csv", subgroup_table)
+    figs = {
+        "esf_records": figures.budget_esf_figure([(l, v, b, "AUC bound") for l, v, b in record_curves], out_dir,
+                                                 "budgets_esf_records", "Record-level risk per privacy budget", "records"),
+        "esf_patients": figures.budget_esf_figure(patient_curves, out_dir, "budgets_esf_patients",
+                                                  "Patient-level risk (worst image) per privacy budget", "patients"),
+        "utility": figures.utility_vs_epsilon_figure(table, out_dir, "budgets_utility"),
+    }
+    for attribute in subgroup_table["attribute"].unique():
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", str(attribute)).strip("_")
+        figs[f"subgroup_{slug}"] = figures.subgroup_utility_vs_epsilon_figure(
+            subgroup_table[subgroup_table["attribute"] == attribute], out_dir, f"budgets_utility_{slug}", attribute)
+    summary = {"dataset": dataset, "logdirs": [str(b.logdir) for b in budgets], "labels": [b.label for b in budgets],
+               "budgets": table.drop(columns=["note"]).to_dict(orient="records"), "note": INDEPENDENCE_NOTE}
+    write_json(out_dir / "budgets.json", summary)
+    summary["report"] = str(_write_budget_report(out_dir, dataset, table, subgroup_table, figs))
+    return summary
+
+
+def _epsilon_text(epsilon):
+    return "∞" if not math.isfinite(epsilon) else f"{epsilon:g}"
+
+
+def _write_budget_report(out_dir, dataset, table, subgroup_table, figs):
+    shown = pd.DataFrame({
+        "ε target": [_epsilon_text(e) for e in table["target_epsilon"]], "ε spent": table["spent_epsilon"],
+        "δ": [f"{d:.2g}" for d in table["delta"]], "unit": table["unit"], "σ": table["sigma_min"],
+        "test AUROC": [f"{m:.3f} ± {s:.3f}" for m, s in zip(table["test_auroc_mean"], table["test_auroc_sd"])],
+        "AUC bound": table["auc_bound"], "records > bound": table["share_records_above_bound"],
+        "patients > bound": table["share_patients_above_bound"], "max record AUC": table["max_record_auc"],
+        "empirical ε ≥": table["empirical_epsilon_lb"], "attack": table["attack"],
+    })
+    record_level = (table["unit"] == "record").any()
+    headline = [
+        ("Budgets compared", str(len(table)), ", ".join(_epsilon_text(e) for e in table["target_epsilon"])),
+        ("Strictest budget", f"ε = {_epsilon_text(table['target_epsilon'].iloc[0])}",
+         f"test AUROC {table['test_auroc_mean'].iloc[0]:.3f}; max record AUC {table['max_record_auc'].iloc[0]:.3f}"),
+        ("Reference (largest ε)", f"ε = {_epsilon_text(table['target_epsilon'].iloc[-1])}",
+         f"test AUROC {table['test_auroc_mean'].iloc[-1]:.3f}; max record AUC {table['max_record_auc'].iloc[-1]:.3f}"),
+    ]
+    unit_text = ("<p><b>Which unit is protected.</b> Record-level DP protects one image. A patient with k images "
+                 "is then protected only through group privacy, roughly (kε, k·e<sup>(k−1)ε</sup>·δ), which is much "
+                 "weaker; the dashed lines of the patient-level figure for record-level campaigns are those group "
+                 "bounds. The patient-level risk of this audit (patients are IN or OUT as a whole) should be compared "
+                 "with a <i>patient-level</i> guarantee (<code>--dp_unit=patient</code>).</p>")
+    sections = [
+        ("Privacy budgets", report.table_html(shown) + unit_text + (
+            "<p>The AUC bound is what the guarantee implies for any membership test on one unit (from the trained "
+            "models' privacy profile, for the weakest run). Records whose estimated AUC exceeds it by more than two "
+            "standard errors would contradict the guarantee; a few above it are expected from estimation noise. "
+            f"<b>Empirical ε.</b> A Clopper–Pearson lower bound from the strongest attack on held-out models; {INDEPENDENCE_NOTE}.</p>")),
+        ("Risk per budget", "".join((
+            report.figure_html(figs["esf_records"], "Record-level risk per ε, with each guarantee's AUC bound",
+                               "Each curve is the share of images whose attack AUC exceeds x (log scale, 95 % band). "
+                               "The vertical line of the same colour is the largest AUC the guarantee allows: the curve "
+                               "should drop to zero left of it."),
+            report.figure_html(figs["esf_patients"], "Patient-level risk per ε, with patient-level bounds",
+                               "Share of patients whose worst image has attack AUC above x. For record-level DP the "
+                               "line is the group-privacy bound of the patient with the most images."),
+        ))),
+        ("Utility against ε", "".join(
+            [report.figure_html(figs["utility"], "Test utility against ε",
+                                "Mean ± sd over the shadow models of test macro AUROC and accuracy; ∞ is ordinary training.")]
+            + [report.figure_html(path, f"Utility per subgroup against ε ({key[len('subgroup_'):]})",
+                                  "Test macro AUROC per subgroup value: DP often costs small groups more.")
+               for key, path in figs.items() if key.startswith("subgroup_")]
+            + [report.table_html(subgroup_table)])),
+    ]
+    notes = ["Record-level guarantees on patients with several images: see 'Which unit is protected'."] if record_level else []
+    return report.write_report(out_dir / "budgets.html", dataset=f"{dataset}: privacy budgets", headline=headline,
+                               sections=sections, notes=notes)
