@@ -18,7 +18,9 @@
 #               compared with
 #   DELTA       --delta (0 = 1/number of training units)
 #   DATA_DIR    ./data;  LOG_DIR ./logs (campaign at epsilon E: $LOG_DIR/dp_epsE/$DATASET)
-#   FIG_DIR     ./figs (per-epsilon reports: $FIG_DIR/${DATASET}_epsE; comparison ${DATASET}_dp)
+#   FIG_DIR     ./figs (comparison: $FIG_DIR/${DATASET}_dp/budgets.html, each epsilon's own report in
+#               $FIG_DIR/${DATASET}_dp/dp_epsE_$DATASET/report.html; a single epsilon: ${DATASET}_epsE)
+#   AUDIT_ARGS  extra flags for mem_inf_stats.py (e.g. "--eval_size=4")
 #   N_RUNS, WORKERS_PER_GPU, GPUS, PYTHON   as in scripts/train_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,8 @@ DELTA=${DELTA:-0}
 DATA_DIR=${DATA_DIR:-./data}
 LOG_DIR=${LOG_DIR:-./logs}
 FIG_DIR=${FIG_DIR:-./figs}
+AUDIT_ARGS=${AUDIT_ARGS:-}
+read -r -a AUDIT_FLAGS <<< "$AUDIT_ARGS"
 export PYTHON DATA_DIR
 
 failed=0
@@ -46,23 +50,21 @@ for eps in $EPSILONS; do
   logdirs+=("$LOG_DIR/dp_eps$eps/$DATASET")
 done
 
-for logdir in "${logdirs[@]}"; do
+if [ "${#logdirs[@]}" -gt 1 ]; then
+  # One call audits every campaign (into $FIG_DIR/${DATASET}_dp/<dp_epsE_dataset>/) and compares them.
+  joined=$(IFS=,; echo "${logdirs[*]}")
+  echo "==== audits and comparison across epsilons -> $FIG_DIR/${DATASET}_dp"
+  if ! "$PYTHON" mem_inf_stats.py --logdir="$joined" --dataset="$DATASET" --out_dir="$FIG_DIR/${DATASET}_dp" "${AUDIT_FLAGS[@]}"; then
+    echo "   mem_inf_stats.py failed for $joined" >&2
+    failed=1
+  fi
+elif [ "${#logdirs[@]}" -eq 1 ]; then
+  logdir=${logdirs[0]}
   eps=${logdir#"$LOG_DIR/dp_eps"}
   eps=${eps%%/*}
   echo "==== audit of $logdir"
-  if ! "$PYTHON" mem_inf_stats.py --logdir="$logdir" --dataset="$DATASET" \
-      --out_dir="$FIG_DIR/${DATASET}_eps$eps"; then
+  if ! "$PYTHON" mem_inf_stats.py --logdir="$logdir" --dataset="$DATASET" --out_dir="$FIG_DIR/${DATASET}_eps$eps" "${AUDIT_FLAGS[@]}"; then
     echo "   mem_inf_stats.py failed for $logdir" >&2
-    failed=1
-  fi
-done
-
-if [ "${#logdirs[@]}" -gt 1 ]; then
-  joined=$(IFS=,; echo "${logdirs[*]}")
-  echo "==== comparison across epsilons -> $FIG_DIR/${DATASET}_dp"
-  if ! "$PYTHON" mem_inf_stats.py --logdir="$joined" --dataset="$DATASET" \
-      --out_dir="$FIG_DIR/${DATASET}_dp"; then
-    echo "   the comparison needs mem_inf_stats.py to accept several comma-separated --logdir" >&2
     failed=1
   fi
 fi
