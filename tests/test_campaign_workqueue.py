@@ -95,7 +95,11 @@ def worker_main(cfg):
             run_index = claim.run_index
             emit(cfg["events"], kind="start", run=run_index)
             starts = sum(e["kind"] == "start" and e["run"] == run_index for e in read_events(cfg["events"]))
-            if run_index in cfg.get("fail_always", []) or (run_index in cfg.get("fail_once", []) and starts == 1):
+            if cfg.get("user_error"):
+                from src.errors import MedleakError
+
+                raise MedleakError("injected bad input")
+            if cfg.get("fail_every_run") or run_index in cfg.get("fail_always", []) or (run_index in cfg.get("fail_once", []) and starts == 1):
                 raise RuntimeError(f"injected failure in run {run_index}")
             mask = plan.record_mask(patient_mask[run_index], patient_index)
             weights = train_softmax_regression(features[mask], labels[mask])
@@ -258,6 +262,25 @@ def test_failures_are_recorded_retried_and_reported(tmp_path):
     assert [e["run"] for e in events_of(tmp_path, "start")].count(1) == 3
     assert [e["run"] for e in events_of(tmp_path, "start")].count(0) == 1
     assert queue_state(tmp_path)["runs"][1]["attempts"] == 3
+
+
+def test_a_worker_whose_every_run_fails_stops_instead_of_using_up_all_runs(tmp_path):
+    (tmp_path / "go").touch()
+    rc, out, err = finish(start_worker(tmp_path, n_runs=8, max_attempts=2, fail_every_run=True))
+    assert rc == 2
+    assert err.startswith("error: 3 different runs failed in a row") and err.count("\n") == 1
+    runs = queue_state(tmp_path)["runs"]
+    # the worker stopped after touching three runs; the other five keep all their attempts
+    touched = [r for r in runs if r["attempts"] > 0]
+    assert len(touched) == 3
+    assert all((r["status"], r["attempts"]) == ("pending", 0) for r in runs if r not in touched)
+
+
+def test_bad_input_inside_a_run_gives_the_claim_back_without_using_an_attempt(tmp_path):
+    (tmp_path / "go").touch()
+    rc, out, err = finish(start_worker(tmp_path, n_runs=2, max_attempts=1, user_error=True))
+    assert (rc, err) == (2, "error: injected bad input\n")
+    assert [(r["status"], r["attempts"]) for r in queue_state(tmp_path)["runs"]] == [("pending", 0)] * 2
 
 
 def test_a_worker_with_a_different_config_is_refused(tmp_path):

@@ -325,6 +325,11 @@ def sigterm_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
+def failing_streak_limit(max_attempts: int) -> int:
+    """Different runs failing in a row after which a worker blames its environment and stops."""
+    return max(3, max_attempts + 1)
+
+
 def work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
     """Claims and runs runs until none is claimable (see `_work_loop`); SIGTERM gives the claim back."""
     with sigterm_as_exit():
@@ -336,10 +341,14 @@ def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
 
     `do_run(claim) -> tmp_dir` trains run `claim.run_index` (attempt `claim.attempt`) and writes it
     with `rundir.write_run_tmp`; the loop renames it into place. Exceptions are recorded as failed
-    attempts and the loop goes on; a `MedleakError` (bad input: every run would fail the same way)
-    is recorded and re-raised; an interrupt gives the claim back and is re-raised.
+    attempts and the loop goes on — unless `failing_streak_limit(max_attempts)` different runs fail
+    in a row, which points at the environment (disk full, broken device) rather than the runs: the
+    worker then stops with a MedleakError instead of using up every run's attempts. A `MedleakError`
+    (bad input: every run would fail the same way) and an interrupt give the claim back, without
+    counting the attempt, and are re-raised.
     """
     completed, failed_attempts = [], []
+    failing_streak = set()  # runs that failed since this worker's last success
     for stale in rundir.remove_stale_tmp_dirs(queue.logdir):
         log(f"removed {stale} left by a dead worker")
     while True:
@@ -357,8 +366,8 @@ def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
             queue.release(claim)
             log(f"{name}: interrupted; gave the claim back")
             raise
-        except MedleakError as e:
-            queue.fail(claim, f"MedleakError: {e}")
+        except MedleakError:
+            queue.release(claim)  # the user's input is at fault, not this run
             raise
         except Exception as e:
             error = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -366,7 +375,15 @@ def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
             shutil.rmtree(rundir.tmp_run_dir(queue.logdir, claim.run_index), ignore_errors=True)
             failed_attempts.append((claim.run_index, error))
             log(f"{name}: attempt {claim.attempt} failed: {error}")
+            failing_streak.add(claim.run_index)
+            if len(failing_streak) >= failing_streak_limit(queue.max_attempts):
+                raise MedleakError(
+                    f"{len(failing_streak)} different runs failed in a row in this worker (last: {error}); "
+                    "stopping so the other runs keep their attempts. Fix the cause and re-run; runs whose "
+                    "attempts are used up are retried with a higher --max_attempts"
+                )
         else:
+            failing_streak.clear()
             if committed:
                 completed.append(claim.run_index)
                 log(f"{name}: done in {time.time() - started:.1f} s")
