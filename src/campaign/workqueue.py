@@ -88,7 +88,9 @@ class WorkQueue:
             raise MedleakError(f"--logdir={self.logdir}: cannot create {self.dir} ({e.strerror or e})") from None
         # Re-entrant within a thread; each thread has its own descriptor, so the heartbeat thread
         # and the main thread exclude each other like two processes do.
-        self._lock = filelock.FileLock(str(self.lock_path), timeout=self.lock_timeout)
+        # No silent fallback to a soft (lock-file) lock where the filesystem lacks flock: a soft lock
+        # left by a killed worker would block every other worker.
+        self._lock = filelock.FileLock(str(self.lock_path), timeout=self.lock_timeout, fallback_to_soft=False)
 
     # -- locking and state -------------------------------------------------------------------
 
@@ -101,6 +103,11 @@ class WorkQueue:
             raise MedleakError(
                 f"{self.lock_path}: could not take the queue lock within {self.lock_timeout:.0f} s; "
                 "another process holds it (check for a hung worker)"
+            ) from None
+        except OSError as e:
+            raise MedleakError(
+                f"{self.lock_path}: cannot lock it ({e.strerror or e}); the filesystem of --logdir must support "
+                "flock (Lustre: mount with -o flock; NFS: v4 or lockd running)"
             ) from None
         try:
             yield
