@@ -137,8 +137,10 @@ def test_budgets_csv_columns(compared):
         "logdir", "target_epsilon", "spent_epsilon", "delta", "unit", "sigma_min", "sigma_max", "q", "steps", "n_runs",
         "test_auroc_mean", "test_auroc_sd", "test_accuracy_mean", "test_accuracy_sd", "auc_bound",
         "share_records_above_bound", "share_records_above_bound_2se", "share_patients_above_bound", "max_record_auc",
-        "max_patient_auc", "empirical_epsilon_lb", "theoretical_epsilon", "attack", "note"]
+        "max_patient_auc", "empirical_epsilon_lb", "theoretical_epsilon", "n_trials", "attack", "note"]
     assert table["note"].str.contains("not independent").all()
+    # trials are units: record-level DP keeps the 80 single-image patients of 120, no DP all 120; × 4 targets
+    assert table["n_trials"].tolist() == [320, 320, 480]
 
 
 def test_bound_lines_equal_the_bound_of_the_weakest_run(compared):
@@ -206,6 +208,17 @@ def test_truncation_loosens_the_bound_a_little():
     assert budgets.auc_bound(dict(facts, target_epsilon=math.inf)) == 1.0
 
 
+def test_bound_over_runs_groups_neighbours_and_never_undercuts_a_run():
+    runs = [dict(target_epsilon=2.0, epsilon=2.0, delta=DELTA, noise_multiplier=sigma, sampling_rate=q, steps=1, unit="record")
+            for sigma, q in ((2.0, 1.0), (2.2, 1.0), (1.9, 0.9))]
+    facts = budgets.guarantee(runs)
+    assert facts["mechanisms"] == [(0.9, 1.9, 1, 0.0), (1.0, 2.0, 1, 0.0), (1.0, 2.2, 1, 0.0)]
+    per_run = [auc_upper_bound_for_training(r["noise_multiplier"], r["sampling_rate"], 1) for r in runs]
+    assert budgets.auc_bound(facts) == pytest.approx(max(per_run), abs=1e-12)  # one run per group: exact
+    merged = budgets.auc_bound(facts, max_groups=1)  # one group: (σ 1.9, q 1.0) dominates every run
+    assert merged == pytest.approx(auc_upper_bound_for_training(1.9, 1.0, 1), abs=1e-12) and merged > max(per_run)
+
+
 def test_guarantee_refuses_mixed_runs():
     dp = dict(target_epsilon=1.0, epsilon=0.99, delta=1e-5, noise_multiplier=2.0, sampling_rate=0.1, steps=10, unit="record")
     assert budgets.guarantee([None, None])["target_epsilon"] == math.inf
@@ -215,6 +228,23 @@ def test_guarantee_refuses_mixed_runs():
         budgets.guarantee([dp, dict(dp, unit="patient")])
     with pytest.raises(MedleakError, match="noise_multiplier"):
         budgets.guarantee([{k: v for k, v in dp.items() if k != "noise_multiplier"}])
+
+
+def test_trials_are_units_with_mean_scores():
+    patient_ids = np.array(["a", "b", "b", "c", "a", "d"])
+    assert budgets.trial_units(patient_ids, "patient").tolist() == [0, 1, 1, 2, 0, 3]
+    assert budgets.trial_units(patient_ids, "record").tolist() == [-1, -1, -1, 2, -1, 3]  # single-image patients
+    scores = np.array([[1.0, 2.0, 4.0, 8.0, 3.0, np.nan], [0.0, 1.0, 1.0, 5.0, 2.0, 7.0]])
+    members = np.array([[True, False, False, True, True, False], [False, True, True, False, False, True]])
+    got_scores, got_members = budgets.unit_trials(scores, members, budgets.trial_units(patient_ids, "patient"))
+    # slow loop: per target, per patient in first-seen order, mean of finite scores
+    expected = []
+    for target in range(2):
+        for patient in ("a", "b", "c", "d"):
+            rows = [i for i, p in enumerate(patient_ids) if p == patient and np.isfinite(scores[target, i])]
+            if rows:
+                expected.append((np.mean(scores[target, rows]), members[target, rows[0]]))
+    assert got_scores.tolist() == [e[0] for e in expected] and got_members.tolist() == [e[1] for e in expected]
 
 
 def test_logdir_labels_are_short_and_unique():

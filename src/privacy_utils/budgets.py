@@ -6,20 +6,25 @@ Per logdir: its guarantee (from the runs' metrics.json "dp"; ∞ when absent), t
 record/patient risk of its single audit (record_risk.csv, patient_risk.csv) and
 
 - **the AUC bound its guarantee implies** (`src.dp.accounting`): runs differ slightly (each run
-  calibrates σ for its own number of units), so the bound is taken for the weakest guarantee of
-  any run. When all runs share σ, q and steps and batches never overflow it is exactly
-  `auc_upper_bound_for_training(σ, q, steps)`. Otherwise the bound uses the profile of the
-  untruncated mechanism with (smallest σ, largest q, most steps), which dominates every run's
-  (more noise, fewer samples or fewer steps are post-processing of it), plus (1 + e^ε)·η on δ
-  for η = steps × the per-step truncation probability (the total-variation distance between
-  truncated and untruncated sampling): never smaller than any run's own bound.
+  calibrates σ for its own number of units and sampling rate q), so the bound is the largest over
+  runs. Runs are sorted by (q, σ) and split into at most `MAX_BOUND_GROUPS` groups of neighbours;
+  a group's bound uses the profile of the untruncated mechanism with its (smallest σ, largest q,
+  most steps), which dominates each of its runs (more noise, a lower sampling rate or fewer steps
+  are post-processing of it), plus (1 + e^ε)·η on δ for η = steps × the per-step truncation
+  probability (the total-variation distance between truncated and untruncated sampling). So the
+  bound is never smaller than any run's own; with one run per group and no truncation it is
+  exactly the largest `auc_upper_bound_for_training(σ, q, steps)` over runs.
 - **patient-level bounds**: with patient-level DP the same bound applies to a patient. With
   record-level DP a patient with k images is protected only through group privacy:
   (kε, k·e^{(k−1)ε}·δ), so each patient is compared with the bound for their own k.
-- **an empirical ε lower bound** (Clopper–Pearson, `empirical_epsilon_lower_bound`) from the
-  strongest LiRA/loss attack's scores on the held-out target models, pooled over targets and
-  records. Records of one model (and of one patient) are not independent trials, so the interval
-  is optimistic; it is a diagnostic beside the theoretical ε, not a proof.
+- **an empirical ε lower bound** (Clopper–Pearson, `empirical_epsilon_lower_bound`, Bonferroni
+  over the candidate attacks) from the strongest LiRA/loss attack on the held-out target models.
+  Trials are privacy units, so that each has its own independent IN/OUT draw and the guarantee
+  applies to it: one trial per patient (its records' mean attack score), and for record-level DP
+  only patients with a single image (a record of a multi-image patient moves IN/OUT with the
+  patient's other images, a group the record-level guarantee covers only as kε). Units of one
+  target model still share that model's training randomness (a one-run audit), so the interval
+  is somewhat optimistic: a diagnostic beside the theoretical ε, not a proof.
 """
 
 import dataclasses
@@ -43,8 +48,10 @@ from src.privacy_utils.scores import log_p_from_lira
 
 LIRA_VARIANTS = (("LiRA online", {}), ("LiRA online, fixed variance", {"fix_variance": True}),
                  ("LiRA offline", {"offline": True}), ("LiRA offline, fixed variance", {"offline": True, "fix_variance": True}))
-INDEPENDENCE_NOTE = ("empirical epsilon pools all records of the held-out target models as trials; records of one "
-                     "model (and of one patient) are not independent, so this lower bound is optimistic (a diagnostic)")
+MAX_BOUND_GROUPS = 8  # each group's bound composes a PLD over all steps (seconds): bounded work per logdir
+INDEPENDENCE_NOTE = ("empirical epsilon: one trial per patient of each held-out target model (record-level DP: single-image "
+                     "patients only); trials of one model share its training randomness and are not independent, so the "
+                     "lower bound is optimistic (a diagnostic)")
 
 
 # --------------------------------------------------------------------- reading the logdirs
@@ -110,7 +117,7 @@ def guarantee(dp_dicts, source="logdir"):
 
     Returns dict target_epsilon (inf without DP), epsilon (largest spent over runs), delta (largest),
     unit ("none" without DP), sigma_min/sigma_max, q (largest), steps (most), truncation (largest
-    per-step truncation probability), n_runs. Mixed DP/non-DP runs or mixed targets/units are an error.
+    per-step truncation probability), n_runs, mechanisms (sorted distinct (q, σ, steps, truncation)). Mixed DP/non-DP runs or mixed targets/units are an error.
     """
     has_dp = [d is not None for d in dp_dicts]
     if not dp_dicts:
@@ -119,26 +126,41 @@ def guarantee(dp_dicts, source="logdir"):
         raise MedleakError(f"{source}: some runs were trained with DP and some without; one campaign must use one --epsilon")
     if not any(has_dp):
         return dict(target_epsilon=math.inf, epsilon=math.inf, delta=math.nan, unit="none", sigma_min=0.0, sigma_max=0.0,
-                    q=math.nan, steps=0, truncation=0.0, n_runs=len(dp_dicts))
+                    q=math.nan, steps=0, truncation=0.0, n_runs=len(dp_dicts), mechanisms=[])
     for key in ("target_epsilon", "unit"):
         values = {d.get(key) for d in dp_dicts}
         if len(values) > 1:
             raise MedleakError(f"{source}: runs disagree on dp {key} ({sorted(map(str, values))}); one campaign must use one setting")
     try:
         sigmas = [float(d["noise_multiplier"]) for d in dp_dicts]
+        mechanisms = sorted({(float(d["sampling_rate"]), float(d["noise_multiplier"]), int(d["steps"]),
+                              float(d.get("truncation_prob_per_step") or 0.0)) for d in dp_dicts})
         return dict(target_epsilon=float(dp_dicts[0]["target_epsilon"]),
                     epsilon=max(float(d["epsilon"]) for d in dp_dicts),
                     delta=max(float(d["delta"]) for d in dp_dicts),
                     unit=str(dp_dicts[0]["unit"]), sigma_min=min(sigmas), sigma_max=max(sigmas),
                     q=max(float(d["sampling_rate"]) for d in dp_dicts), steps=max(int(d["steps"]) for d in dp_dicts),
                     truncation=max(float(d.get("truncation_prob_per_step") or 0.0) for d in dp_dicts),
-                    n_runs=len(dp_dicts))
+                    n_runs=len(dp_dicts), mechanisms=mechanisms)
     except (KeyError, TypeError, ValueError) as e:
         raise MedleakError(f"{source}: a run's metrics.json 'dp' lacks or garbles {e}; re-train it with the current version") from None
 
 
-def auc_bound(facts, n_epsilons=400):
-    """Upper bound on any membership test's AUC against one unit, for the weakest run (module doc)."""
+def auc_bound(facts, max_groups=MAX_BOUND_GROUPS, n_epsilons=400):
+    """Upper bound on any membership test's AUC against one unit, the largest over runs (module doc)."""
+    mechanisms = facts.get("mechanisms") or []
+    if not math.isfinite(facts["target_epsilon"]) or not mechanisms:
+        return dominating_auc_bound(facts, n_epsilons)
+    bounds = []
+    for group in np.array_split(np.array(mechanisms, dtype=np.float64), min(max_groups, len(mechanisms))):
+        bounds.append(dominating_auc_bound(dict(target_epsilon=facts["target_epsilon"], q=float(group[:, 0].max()),
+                                                sigma_min=float(group[:, 1].min()), steps=int(group[:, 2].max()),
+                                                truncation=float(group[:, 3].max())), n_epsilons))
+    return max(bounds)
+
+
+def dominating_auc_bound(facts, n_epsilons=400):
+    """AUC bound of the mechanism (facts' sigma_min, q, steps, truncation) that dominates a group of runs."""
     from src.dp.accounting import auc_upper_bound, auc_upper_bound_for_training, privacy_profile, spent_epsilon
 
     if not math.isfinite(facts["target_epsilon"]) or facts["sigma_min"] == 0:
@@ -206,11 +228,13 @@ def subgroup_utility(metrics):
     return pd.DataFrame(rows, columns=["attribute", "category", "auroc_mean", "auroc_sd", "n_runs"])
 
 
-def strongest_attack_scores(scores, masks, eval_size):
-    """(name, in_scores, out_scores) of the strongest LiRA variant or loss threshold on held-out targets.
+def strongest_attack_scores(scores, masks, eval_size, unit_index):
+    """(name, in_scores, out_scores, n_candidates) of the strongest LiRA variant or loss threshold, per unit.
 
     The same split and scoring as the single audit (`audit.attack_suite`): the last `eval_size`
-    runs are targets, the others shadows; strongest = highest mean AUC over targets.
+    runs are targets, the others shadows; strongest = highest mean AUC over targets. unit_index
+    (n_records,) int gives each record's trial (a patient), −1 leaves the record out; a trial's
+    score is the mean over its records, its membership that of its records (all equal).
     """
     targets, shadows = split_targets(scores.shape[0], eval_size)
     target_scores, target_masks = scores[targets], masks[targets]
@@ -219,9 +243,39 @@ def strongest_attack_scores(scores, masks, eval_size):
     candidates["Loss threshold"] = log_p_from_lira(target_scores).mean(axis=2)
     aucs = {name: summarise_attack(s, target_masks)[0]["auc"]["mean"] for name, s in candidates.items()}
     best = max(aucs, key=aucs.get)
-    attack = np.asarray(candidates[best], dtype=np.float64)
-    finite = np.isfinite(attack)
-    return best, attack[target_masks & finite], attack[~target_masks & finite]
+    unit_scores, unit_members = unit_trials(np.asarray(candidates[best], dtype=np.float64), target_masks, unit_index)
+    return best, unit_scores[unit_members], unit_scores[~unit_members], len(candidates)
+
+
+def unit_trials(target_scores, target_masks, unit_index):
+    """Per target and unit: mean score over the unit's records (non-finite ones skipped), membership.
+
+    Returns flat (scores, members) over targets × units that have a finite score.
+    """
+    unit_index = np.asarray(unit_index, dtype=np.int64)
+    kept = unit_index >= 0
+    n_units = int(unit_index.max()) + 1 if kept.any() else 0
+    all_scores, all_members = [], []
+    for scores, members in zip(target_scores, target_masks):
+        ok = kept & np.isfinite(scores)
+        total = np.bincount(unit_index[ok], weights=scores[ok], minlength=n_units)
+        count = np.bincount(unit_index[ok], minlength=n_units)
+        member = np.bincount(unit_index[kept], weights=members[kept].astype(float), minlength=n_units) > 0
+        present = count > 0
+        all_scores.append(total[present] / count[present])
+        all_members.append(member[present])
+    if not all_scores:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    return np.concatenate(all_scores), np.concatenate(all_members)
+
+
+def trial_units(patient_ids, unit):
+    """Record → trial index: the patient; for record-level DP only single-image patients (others −1)."""
+    codes, uniques = pd.factorize(pd.Series(patient_ids).astype(str), sort=False)
+    if unit == "record":
+        sizes = np.bincount(codes, minlength=len(uniques))
+        codes = np.where(sizes[codes] == 1, codes, -1)
+    return codes
 
 
 def epsilon_axis(epsilons):
@@ -232,7 +286,7 @@ def epsilon_axis(epsilons):
     return np.where(np.isfinite(epsilons), epsilons, infinity)
 
 
-def budget_row(label, facts, utility, record_table, patient_table, bound, patient_bound, empirical, attack):
+def budget_row(label, facts, utility, record_table, patient_table, bound, patient_bound, empirical, n_trials, attack):
     """One row of budgets.csv (see `BUDGET_COLUMNS`)."""
     auc, se = record_table["auc"].to_numpy(float), record_table["auc_se"].to_numpy(float)
     patient_auc = patient_table["auc_max"].to_numpy(float)
@@ -245,7 +299,7 @@ def budget_row(label, facts, utility, record_table, patient_table, bound, patien
         share_records_above_bound_2se=float(np.mean(auc - 2 * se > bound)),
         share_patients_above_bound=float(np.mean(patient_auc > patient_bound)), max_record_auc=float(auc.max()),
         max_patient_auc=float(patient_auc.max()), empirical_epsilon_lb=empirical, theoretical_epsilon=facts["epsilon"],
-        attack=attack, note=INDEPENDENCE_NOTE,
+        n_trials=n_trials, attack=attack, note=INDEPENDENCE_NOTE,
     )
 
 
@@ -292,12 +346,15 @@ def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
         bound = auc_bound(budget.facts)
         p_bounds = patient_bounds(budget.facts, bound, patient_table["n_records"].to_numpy())
         campaign = load_campaign(budget.logdir, progress=False)
-        attack, in_scores, out_scores = strongest_attack_scores(campaign.scores, campaign.masks, options.eval_size)
+        units = trial_units(campaign.records["patient_id"].to_numpy(), budget.facts["unit"])
+        attack, in_scores, out_scores, n_candidates = strongest_attack_scores(campaign.scores, campaign.masks,
+                                                                              options.eval_size, units)
         del campaign
-        delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else 1.0 / len(record_table)
-        empirical = empirical_epsilon_lower_bound(in_scores, out_scores, delta) if in_scores.size and out_scores.size else 0.0
+        delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else 1.0 / len(patient_table)
+        empirical = (empirical_epsilon_lower_bound(in_scores, out_scores, delta, significance=0.05 / n_candidates)
+                     if in_scores.size and out_scores.size else math.nan)
         rows.append(budget_row(budget.label, budget.facts, utility_summary(budget.metrics), record_table, patient_table,
-                               bound, p_bounds, empirical, attack))
+                               bound, p_bounds, empirical, in_scores.size + out_scores.size, attack))
         name = _epsilon_text(budget.facts["target_epsilon"])
         finite = math.isfinite(budget.facts["target_epsilon"])
         record_curves.append((f"ε = {name} ({budget.facts['unit']}-level)" if finite else "ε = ∞ (no DP)",
@@ -359,13 +416,17 @@ def _write_budget_report(out_dir, dataset, table, subgroup_table, figs):
                  "is then protected only through group privacy, roughly (kε, k·e<sup>(k−1)ε</sup>·δ), which is much "
                  "weaker; the dashed lines of the patient-level figure for record-level campaigns are those group "
                  "bounds. The patient-level risk of this audit (patients are IN or OUT as a whole) should be compared "
-                 "with a <i>patient-level</i> guarantee (<code>--dp_unit=patient</code>).</p>")
+                 "with a <i>patient-level</i> guarantee (<code>--dp_unit=patient</code>). Strictly, the same holds for a "
+                 "record of a multi-image patient: its IN/OUT models differ by all of the patient's images, so the "
+                 "single-image bound describes the guarantee, not a hard limit for that record's AUC in this audit.</p>")
     sections = [
         ("Privacy budgets", report.table_html(shown) + unit_text + (
             "<p>The AUC bound is what the guarantee implies for any membership test on one unit (from the trained "
             "models' privacy profile, for the weakest run). Records whose estimated AUC exceeds it by more than two "
             "standard errors would contradict the guarantee; a few above it are expected from estimation noise. "
-            f"<b>Empirical ε.</b> A Clopper–Pearson lower bound from the strongest attack on held-out models; {INDEPENDENCE_NOTE}.</p>")),
+            "<b>Empirical ε.</b> A Clopper–Pearson lower bound (95 %, Bonferroni over thresholds and attacks) from the "
+            "strongest LiRA or loss-threshold attack "
+            f"on held-out models (RMIA is not re-run here); {INDEPENDENCE_NOTE}.</p>")),
         ("Risk per budget", "".join((
             report.figure_html(figs["esf_records"], "Record-level risk per ε, with each guarantee's AUC bound",
                                "Each curve is the share of images whose attack AUC exceeds x (log scale, 95 % band). "
