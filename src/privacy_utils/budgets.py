@@ -374,7 +374,7 @@ def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
     subgroup_table = pd.concat(subgroup_rows, ignore_index=True)
     write_csv(out_dir / "budgets_utility_by_subgroup.csv", subgroup_table)
     figs = {
-        "esf_records": figures.budget_esf_figure([(l, v, b, "AUC bound") for l, v, b in record_curves], out_dir,
+        "esf_records": figures.budget_esf_figure([(label, values, bound, "AUC bound") for label, values, bound in record_curves], out_dir,
                                                  "budgets_esf_records", "Record-level risk per privacy budget", "records"),
         "esf_patients": figures.budget_esf_figure(patient_curves, out_dir, "budgets_esf_patients",
                                                   "Patient-level risk (worst image) per privacy budget", "patients"),
