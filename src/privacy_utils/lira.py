@@ -13,8 +13,8 @@ over records and views), which is more stable with few shadows.
 Shadows are the same for every target, so the per-record statistics are computed once
 (`shadow_stats`) and reused for all targets and all variants. The medians are exact: per chunk of
 records the scores are staged once as (records, models, views) — the only pass over main memory —
-then, in cache, transposed to (records, views, models) with +inf added to the other group, and
-sorted along the contiguous model axis; medians and trimmed means are gathers and small matmuls on
+then, in cache, each record's IN (OUT) models are gathered into a compact (records, views, models)
+block padded with +inf and sorted along the contiguous model axis; medians and trimmed means are gathers and small matmuls on
 the sorted rows, and the moments come from the same staged copy.
 
 Records with no IN (or no OUT) shadow — common with few shadows — borrow the other Gaussian shifted
@@ -32,23 +32,28 @@ from src.privacy_utils.risk import DEFAULT_CHUNK, check_scores_masks, chunk_mome
 
 
 def sorted_groups(staged, chunk_masks):
-    """Staged (R, M, V) scores (`risk.stage`) + (M, R) IN masks → (in_sorted, out_sorted), (R, V, M).
+    """Staged (R, M, V) scores (`risk.stage`) + (M, R) IN masks → (in_sorted, out_sorted), (R, V, W).
 
-    Row (r, v) of `in_sorted` holds the IN models' values ascending, then +inf for the OUT models;
-    `out_sorted` the other way round. Each is one in-cache transposing add (0 / +inf per model)
-    followed by a sort along the contiguous model axis.
+    Row (r, v) of `in_sorted` holds record r's IN models' values ascending, then +inf padding up to
+    W = the chunk's largest IN count; `out_sorted` likewise for OUT. Gathering each group into a
+    compact block first (whole 16-view rows) keeps the sorted rows short: with half the models in
+    each group, W ≤ 128 sorts twice as fast as the full 190-model rows.
     """
     n_records, n_models, n_views = staged.shape
-    by_view = staged.transpose(0, 2, 1)
-    hide_out = np.where(chunk_masks.T, 0.0, np.inf).astype(staged.dtype)[:, None, :]  # (R, 1, M)
-    hide_in = np.where(chunk_masks.T, np.inf, 0.0).astype(staged.dtype)[:, None, :]
-    in_sorted = np.empty((n_records, n_views, n_models), dtype=staged.dtype)
-    np.add(by_view, hide_out, out=in_sorted)
-    in_sorted.sort(axis=-1)
-    out_sorted = np.empty_like(in_sorted)
-    np.add(by_view, hide_in, out=out_sorted)
-    out_sorted.sort(axis=-1)
-    return in_sorted, out_sorted
+    member = chunk_masks.T  # (R, M)
+    n_in = member.sum(axis=1)
+    padded = np.concatenate([staged, np.full((n_records, 1, n_views), np.inf, staged.dtype)], axis=1)
+    record = np.arange(n_records)[:, None]
+    groups = []
+    for in_group, count in ((member, n_in), (~member, n_models - n_in)):
+        width = max(int(count.max()), 1)
+        # a stable argsort lists each record's group members first; the remaining slots point at +inf
+        order = np.argsort(~in_group, axis=1, kind="stable")[:, :width]
+        order = np.where(np.arange(width)[None, :] < count[:, None], order, n_models)
+        rows = padded[record, order].transpose(0, 2, 1).copy()  # (R, V, W)
+        rows.sort(axis=-1)
+        groups.append(rows)
+    return groups[0], groups[1]
 
 
 def _medians(rows, count):
