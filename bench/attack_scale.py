@@ -1,7 +1,7 @@
 """Benchmark: record AUC + LiRA online + LiRA offline + RMIA online at paper scale on CPU.
 
 200 models × 100,000 records × 16 views (1.28 GB of float32 scores, generated here), 10 held-out
-targets, the other 190 models as shadows. Prints each stage's seconds, the total and the peak RSS.
+targets, the other 190 models as shadows; the stages are the ones mem_inf_stats.py runs. Prints each stage's seconds, the total and the peak RSS.
 Target: total ≤ 4 s and peak ≤ 2.5 GB on a 2-core CPU.
 
     python bench/attack_scale.py [--models 200 --records 100000 --views 16 --targets 10]
@@ -17,8 +17,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.privacy_utils import lira, record_auc, rmia  # noqa: E402
-from src.privacy_utils.lira import shadow_stats  # noqa: E402
+from src.privacy_utils import lira, rmia  # noqa: E402
+from src.privacy_utils.lira import campaign_stats  # noqa: E402
+from src.privacy_utils.risk import record_auc_from_moments  # noqa: E402
 from src.privacy_utils.scores import rmia_from_lira  # noqa: E402
 
 
@@ -67,9 +68,11 @@ def main():
         timings[name], cpu[name] = time.perf_counter() - wall, time.process_time() - busy
         return result
 
-    auc, se = timed("record_auc", lambda: record_auc(scores, masks))
-    # LiRA online and offline share the shadow statistics (the same shadows for every target).
-    stats = timed("lira_shadow_stats", lambda: shadow_stats(scores[shadows], masks[shadows]))
+    # As mem_inf_stats does it: one pass over the scores gives the record-risk moments (all models)
+    # and the shadows' LiRA statistics, which LiRA online and offline share across all targets.
+    moments, stats = timed("record_auc_and_shadow_stats", lambda: campaign_stats(scores, masks, shadows))
+    auc, se = timed("record_auc_from_moments", lambda: record_auc_from_moments(moments))
+    del moments
     online = timed("lira_online", lambda: lira(scores[shadows], masks[shadows], scores[targets], stats=stats))
     offline = timed("lira_offline", lambda: lira(scores[shadows], masks[shadows], scores[targets], offline=True, stats=stats))
     del stats

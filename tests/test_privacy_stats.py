@@ -9,8 +9,8 @@ from scipy import stats as scipy_stats
 
 from src.errors import MedleakError
 from src.privacy_utils import lira, lira_scores, patient_risk, record_auc, rmia, rmia_scores
-from src.privacy_utils.lira import shadow_stats
-from src.privacy_utils.risk import esf, hanley_mcneil_se, share_above
+from src.privacy_utils.lira import campaign_stats, shadow_stats
+from src.privacy_utils.risk import esf, hanley_mcneil_se, in_out_moments, share_above
 from src.privacy_utils.rmia import population_indices, reference_probability, tune_offline_a
 from src.privacy_utils.roc import auc_score, summarise_attack, tpr_at_fpr
 from src.privacy_utils.scores import rmia_from_lira
@@ -348,3 +348,18 @@ def test_roc_summary_matches_loop():
     assert summary["auc"]["sd"] == pytest.approx(np.std(summary["auc"]["per_target"]))
     assert curves.shape[0] == 3 and (np.diff(curves, axis=1) >= -1e-12).all()
     assert tpr_at_fpr([0.0, 0.5, 1.0], [0.2, 0.7, 1.0], 0.01) == 0.2
+
+
+@pytest.mark.parametrize("shadows", [slice(0, 9), np.array([0, 2, 3, 5, 6, 7, 8, 10])])
+def test_campaign_stats_is_record_moments_and_shadow_stats_in_one_pass(shadows):
+    rng = np.random.default_rng(7)
+    scores = rng.normal(size=(12, 150, 3)).astype(np.float32) * 4
+    masks = rng.random((12, 150)) < 0.5
+    moments, stats = campaign_stats(scores, masks, shadows, trim=0.2, chunk=32, threads=2)
+    expected_moments = in_out_moments(scores, masks)
+    expected_stats = shadow_stats(scores[shadows], masks[shadows], trim=0.2)
+    assert set(moments) == set(expected_moments) and set(stats) == set(expected_stats)
+    for key in expected_moments:
+        np.testing.assert_allclose(moments[key], expected_moments[key], rtol=1e-12, atol=1e-12)
+    for key in expected_stats:
+        np.testing.assert_allclose(stats[key], expected_stats[key], rtol=1e-12, atol=1e-12)

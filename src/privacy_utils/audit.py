@@ -16,9 +16,9 @@ import pandas as pd
 from src.errors import MedleakError
 from src.io_utils import write_csv, write_json
 from src.privacy_utils import figures, report
-from src.privacy_utils.lira import lira_from_stats, shadow_stats
+from src.privacy_utils.lira import campaign_stats, lira_from_stats, shadow_stats
 from src.privacy_utils.load import load_campaign
-from src.privacy_utils.risk import (RISK_THRESHOLDS, in_out_moments, patient_risk, record_auc_from_moments,
+from src.privacy_utils.risk import (RISK_THRESHOLDS, patient_risk, record_auc_from_moments,
                                     require_in_and_out, share_above)
 from src.privacy_utils.rmia import (DEFAULT_GAMMA, DEFAULT_POPULATION, population_indices,
                                     reference_probability, rmia_from_reference, tune_offline_a)
@@ -71,9 +71,13 @@ def split_targets(n_runs, eval_size):
     return np.arange(n_runs - n_targets, n_runs), slice(0, n_runs - n_targets)
 
 
-def attack_suite(campaign, options):
-    """All attacks against the held-out targets: {name: (summary dict, tpr curves)} plus extras."""
-    targets, shadows = split_targets(campaign.n_runs, options.eval_size)
+def attack_suite(campaign, options, split=None, stats=None):
+    """All attacks against the held-out targets: {name: (summary dict, tpr curves)} plus extras.
+
+    `split` (targets, shadows) and the shadows' LiRA `stats`, if already computed (`run_audit`
+    computes them in its pass over the scores, `campaign_stats`).
+    """
+    targets, shadows = split if split is not None else split_targets(campaign.n_runs, options.eval_size)
     scores, masks = campaign.scores, campaign.masks
     target_scores = scores[targets[0]:targets[-1] + 1]
     target_masks = masks[targets[0]:targets[-1] + 1]
@@ -81,7 +85,8 @@ def attack_suite(campaign, options):
     results = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stats = shadow_stats(shadow_scores, shadow_masks)
+        if stats is None:
+            stats = shadow_stats(shadow_scores, shadow_masks)
         for name, kwargs in (("LiRA online", {}), ("LiRA online, fixed variance", {"fix_variance": True}),
                              ("LiRA offline", {"offline": True}), ("LiRA offline, fixed variance", {"offline": True, "fix_variance": True})):
             results[name] = summarise_attack(lira_from_stats(stats, target_scores, **kwargs), target_masks)
@@ -135,8 +140,9 @@ def run_audit(logdir, options: AuditOptions = AuditOptions()):
         raise MedleakError(f"--out_dir={out_dir}: cannot create it ({e.strerror or e})") from None
     records = campaign.records
 
-    # --- record and patient risk over all runs
-    moments = in_out_moments(campaign.scores, campaign.masks)
+    # --- record and patient risk over all runs; the attacks' shadow statistics in the same pass
+    split = split_targets(campaign.n_runs, options.eval_size)
+    moments, shadow_statistics = campaign_stats(campaign.scores, campaign.masks, split[1])
     require_in_and_out(moments["n_in"], moments["n_out"], records["record_id"].to_numpy(), what=f"{campaign.n_runs} runs")
     auc, se = record_auc_from_moments(moments)
     del moments
@@ -156,7 +162,8 @@ def run_audit(logdir, options: AuditOptions = AuditOptions()):
     write_csv(out_dir / "patient_risk.csv", patient_table)
 
     # --- attacks against held-out targets
-    attacks, attack_extras = attack_suite(campaign, options)
+    attacks, attack_extras = attack_suite(campaign, options, split, shadow_statistics)
+    del shadow_statistics
 
     # --- subgroups and diseases
     comp_table, comp_tests = composition(attributes, patients["auc_max"].to_numpy(), options.top_share)

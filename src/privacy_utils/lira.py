@@ -28,11 +28,12 @@ import numpy as np
 from scipy import special
 
 from src.errors import MedleakError
-from src.privacy_utils.risk import DEFAULT_CHUNK, check_scores_masks, chunk_moments, map_chunks, stage
+from src.privacy_utils.risk import DEFAULT_CHUNK, check_scores_masks, group_moments, map_chunks, stage
 
 
-def sorted_groups(staged, chunk_masks):
-    """Staged (R, M, V) scores (`risk.stage`) + (M, R) IN masks → (in_sorted, out_sorted), (R, V, W).
+def sorted_groups(staged, in_group, out_group):
+    """Staged (R, M, V) scores (`risk.stage`) + (R, M) bool IN / OUT memberships → (in_sorted,
+    out_sorted), each (R, V, W).
 
     Row (r, v) of `in_sorted` holds record r's IN models' values ascending, then +inf padding up to
     W = the chunk's largest IN count; `out_sorted` likewise for OUT. Gathering each group into a
@@ -40,15 +41,14 @@ def sorted_groups(staged, chunk_masks):
     each group, W ≤ 128 sorts twice as fast as the full 190-model rows.
     """
     n_records, n_models, n_views = staged.shape
-    member = chunk_masks.T  # (R, M)
-    n_in = member.sum(axis=1)
     padded = np.concatenate([staged, np.full((n_records, 1, n_views), np.inf, staged.dtype)], axis=1)
     record = np.arange(n_records)[:, None]
     groups = []
-    for in_group, count in ((member, n_in), (~member, n_models - n_in)):
+    for group in (in_group, out_group):
+        count = group.sum(axis=1)
         width = max(int(count.max()), 1)
         # a stable argsort lists each record's group members first; the remaining slots point at +inf
-        order = np.argsort(~in_group, axis=1, kind="stable")[:, :width]
+        order = np.argsort(~group, axis=1, kind="stable")[:, :width]
         order = np.where(np.arange(width)[None, :] < count[:, None], order, n_models)
         rows = padded[record, order].transpose(0, 2, 1).copy()  # (R, V, W)
         rows.sort(axis=-1)
@@ -93,31 +93,59 @@ def shadow_stats(shadow_scores, shadow_masks, *, medians=True, trim=None, transf
     applied to each chunk first, so statistics of derived scores need no second full-size array.
     """
     shadow_scores, shadow_masks = check_scores_masks(shadow_scores, shadow_masks, "shadow_scores")
-    n_models, n_records, n_views = shadow_scores.shape
-    if n_models < 1:
+    return _stats_pass(shadow_scores, shadow_masks, None, medians, trim, transform, chunk, threads)[1]
+
+
+def campaign_stats(scores, masks, shadow_models, *, medians=True, trim=None, chunk=DEFAULT_CHUNK, threads=None):
+    """One pass over a campaign's scores: record-risk moments over all models, and `shadow_stats`
+    over the models in `shadow_models` (the rest are held-out targets).
+
+    Returns (moments, stats): `moments` as `risk.in_out_moments(scores, masks)`, `stats` as
+    `shadow_stats(scores[shadow_models], masks[shadow_models])` — without staging the array twice.
+    """
+    scores, masks = check_scores_masks(scores, masks)
+    selected = np.zeros(scores.shape[0], dtype=bool)
+    selected[shadow_models] = True
+    return _stats_pass(scores, masks, selected, medians, trim, None, chunk, threads)
+
+
+def _stats_pass(scores, masks, selected, medians, trim, transform, chunk, threads):
+    """(all-model moments or None, shadow statistics); shadows = `selected` models (None: all)."""
+    n_models, n_records, n_views = scores.shape
+    shadow_masks = masks if selected is None else masks[selected]
+    if shadow_masks.shape[0] < 1:
         raise MedleakError("need at least one shadow model")
     if trim is not None and not 0.0 <= trim < 0.5:
         raise MedleakError(f"trim must lie in [0, 0.5), got {trim}")
     n_in = shadow_masks.sum(axis=0)
-    n_out = n_models - n_in
+    n_out = shadow_masks.shape[0] - n_in
     names = ["mean_in", "mean_out", "sd_in", "sd_out"]
     if medians:
         names += ["median_in", "median_out"]
     if trim is not None:
         names += ["trimmed_in", "trimmed_out"]
     out = {k: np.empty((n_records, n_views)) for k in names}
+    moments = None
+    if selected is not None:
+        moments = {k: np.empty((n_records, n_views)) for k in ("mean_in", "sd_in", "mean_out", "sd_out")}
 
     def work(a, b):
-        chunk_scores, chunk_masks = shadow_scores[:, a:b], shadow_masks[:, a:b]
-        staged = stage(chunk_scores)
+        staged = stage(scores[:, a:b])
         if transform is not None:
             staged = transform(staged)
-        mean, sd = chunk_moments(staged, chunk_masks)
+        member = masks[:, a:b].T  # (R, M)
+        groups = [member, ~member]
+        if selected is not None:  # shadows only, then all models (record risk)
+            groups = [member & selected, ~member & selected] + groups
+        mean, sd = group_moments(staged, np.stack(groups, axis=1))
         out["mean_in"][a:b], out["mean_out"][a:b] = mean[:, 0], mean[:, 1]
         out["sd_in"][a:b], out["sd_out"][a:b] = sd[:, 0], sd[:, 1]
+        if moments is not None:
+            moments["mean_in"][a:b], moments["mean_out"][a:b] = mean[:, 2], mean[:, 3]
+            moments["sd_in"][a:b], moments["sd_out"][a:b] = sd[:, 2], sd[:, 3]
         if not medians and trim is None:
             return
-        in_sorted, out_sorted = sorted_groups(staged, chunk_masks)
+        in_sorted, out_sorted = sorted_groups(staged, groups[0], groups[1])
         c_out, c_in = n_out[a:b], n_in[a:b]
         if medians:
             out["median_in"][a:b] = _medians(in_sorted, c_in)
@@ -128,7 +156,10 @@ def shadow_stats(shadow_scores, shadow_masks, *, medians=True, trim=None, transf
 
     map_chunks(work, n_records, chunk, threads)
     out["n_in"], out["n_out"] = n_in, n_out
-    return out
+    if moments is not None:
+        moments["n_in"] = masks.sum(axis=0)
+        moments["n_out"] = n_models - moments["n_in"]
+    return moments, out
 
 
 def gaussian_params(stats, *, offline=False, fix_variance=False):

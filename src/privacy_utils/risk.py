@@ -108,14 +108,23 @@ def stage(chunk_scores):
 def chunk_moments(staged, chunk_masks):
     """Staged (R, M, V) scores + (M, R) masks → IN/OUT (mean, population sd), each (R, 2, V) float64.
 
-    Index 0 of axis 1 is IN, 1 is OUT; NaN where a record has no model in the group. Float64
-    accumulation through two small batched matmuls.
+    Index 0 of axis 1 is IN, 1 is OUT; NaN where a record has no model in the group.
+    """
+    member = chunk_masks.T
+    return group_moments(staged, np.stack([member, ~member], axis=1))
+
+
+def group_moments(staged, groups):
+    """Staged (R, M, V) scores + (R, G, M) bool group memberships → (mean, population sd), (R, G, V).
+
+    NaN where a group is empty. Float64 accumulation through two small batched matmuls (several
+    groups cost about what one does, so callers ask for all theirs at once).
     """
     x = staged.astype(np.float64)
     # Centre on one model's value: keeps E[x²] − E[x]² well conditioned for large scores.
     offset = x[:, :1, :].copy()
     x -= offset
-    weights = np.stack([chunk_masks.T, ~chunk_masks.T], axis=1).astype(np.float64)  # (R, 2, M)
+    weights = groups.astype(np.float64)
     counts = weights.sum(axis=2, keepdims=True)
     sums = weights @ x
     np.square(x, out=x)
