@@ -18,7 +18,7 @@ from src.io_utils import write_csv, write_json
 from src.privacy_utils import figures, report
 from src.privacy_utils.lira import campaign_stats, lira_from_stats, shadow_stats
 from src.privacy_utils.load import load_campaign
-from src.privacy_utils.risk import (RISK_THRESHOLDS, patient_risk, record_auc_from_moments,
+from src.privacy_utils.risk import (patient_risk, record_auc_from_moments,
                                     require_in_and_out, share_above)
 from src.privacy_utils.rmia import (DEFAULT_GAMMA, DEFAULT_POPULATION, population_indices,
                                     reference_probability, rmia_from_reference, tune_offline_a)
@@ -71,9 +71,21 @@ def split_targets(n_runs, eval_size):
     return np.arange(n_runs - n_targets, n_runs), slice(0, n_runs - n_targets)
 
 
-def attack_suite(campaign, options, split=None, stats=None):
-    """All attacks against the held-out targets: {name: (summary dict, tpr curves)} plus extras.
+LIRA_VARIANTS = (("LiRA online", {}), ("LiRA online, fixed variance", {"fix_variance": True}),
+                 ("LiRA offline", {"offline": True}), ("LiRA offline, fixed variance", {"offline": True, "fix_variance": True}))
 
+
+@dataclasses.dataclass
+class AuditResult:
+    summary: dict  # what attack_summary.json holds, plus the report path
+    attack_scores: dict  # attack name → (n_targets, n_records) membership scores of the held-out targets
+    target_masks: np.ndarray  # (n_targets, n_records) bool: the targets' true membership
+
+
+def attack_suite(campaign, options, split=None, stats=None):
+    """All attacks against the held-out targets.
+
+    Returns ({name: (summary dict, tpr curves)}, extras, {name: (n_targets, n_records) scores}, target masks).
     `split` (targets, shadows) and the shadows' LiRA `stats`, if already computed (`run_audit`
     computes them in its pass over the scores, `campaign_stats`).
     """
@@ -82,38 +94,42 @@ def attack_suite(campaign, options, split=None, stats=None):
     target_scores = scores[targets[0]:targets[-1] + 1]
     target_masks = masks[targets[0]:targets[-1] + 1]
     shadow_scores, shadow_masks = scores[shadows], masks[shadows]
-    results = {}
+    results, attack_scores = {}, {}
+
+    def evaluate(name, target_attack_scores):
+        attack_scores[name] = target_attack_scores
+        results[name] = summarise_attack(target_attack_scores, target_masks)
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if stats is None:
             stats = shadow_stats(shadow_scores, shadow_masks)
-        for name, kwargs in (("LiRA online", {}), ("LiRA online, fixed variance", {"fix_variance": True}),
-                             ("LiRA offline", {"offline": True}), ("LiRA offline, fixed variance", {"offline": True, "fix_variance": True})):
-            results[name] = summarise_attack(lira_from_stats(stats, target_scores, **kwargs), target_masks)
+        for name, kwargs in LIRA_VARIANTS:
+            evaluate(name, lira_from_stats(stats, target_scores, **kwargs))
         del stats
         population = population_indices(scores.shape[1], options.rmia_population, options.seed)
         target_p = rmia_from_lira(target_scores)
         p_stats = shadow_stats(shadow_scores, shadow_masks, medians=False, trim=options.rmia_trim or None, transform=rmia_from_lira)
         online = rmia_from_reference(reference_probability(p_stats), target_p, gamma=options.rmia_gamma, population=population)
-        results["RMIA online"] = summarise_attack(online, target_masks)
+        evaluate("RMIA online", online)
         a = None
         if shadow_scores.shape[0] >= 2 and 0 < shadow_masks[0].sum() < shadow_masks.shape[1]:
             a, _ = tune_offline_a(shadow_scores, shadow_masks, trim=options.rmia_trim, gamma=options.rmia_gamma,
                                   population=population, transform=rmia_from_lira)
             offline = rmia_from_reference(reference_probability(p_stats, offline=True, a=a), target_p,
                                           gamma=options.rmia_gamma, population=population)
-            results["RMIA offline"] = summarise_attack(offline, target_masks)
+            evaluate("RMIA offline", offline)
         del p_stats
         # Global loss threshold (Yeom et al.): the target's own log-likelihood, no shadow models.
         loss_scores = log_p_from_lira(target_scores).mean(axis=2)
-        results["Loss threshold"] = summarise_attack(loss_scores, target_masks)
+        evaluate("Loss threshold", loss_scores)
     messages = sorted({str(w.message) for w in caught})
     for message in messages:
         warnings.warn(message, stacklevel=2)
     extras = {"target_runs": campaign.run_ids[targets].tolist(), "n_shadows": int(shadow_scores.shape[0]),
               "rmia_offline_a": a, "rmia_gamma": options.rmia_gamma, "rmia_trim": options.rmia_trim,
               "rmia_population": int(len(population)), "warnings": messages}
-    return results, extras
+    return results, extras, attack_scores, target_masks
 
 
 def _read_image(data_root, relative_path):
@@ -131,7 +147,11 @@ def _read_image(data_root, relative_path):
 def run_audit(logdir, options: AuditOptions = AuditOptions()):
     """Runs the whole audit; returns the attack_summary dict (also written to out_dir)."""
     check_options(options)
-    campaign = load_campaign(logdir, progress=options.progress)
+    return audit_campaign(load_campaign(logdir, progress=options.progress), options).summary
+
+
+def audit_campaign(campaign, options: AuditOptions) -> AuditResult:
+    """The audit of a loaded campaign (`load.load_campaign`): writes every output to out_dir."""
     dataset = options.dataset or campaign.dataset
     out_dir = Path(options.out_dir) if options.out_dir else Path("figs") / dataset
     try:
@@ -162,7 +182,7 @@ def run_audit(logdir, options: AuditOptions = AuditOptions()):
     write_csv(out_dir / "patient_risk.csv", patient_table)
 
     # --- attacks against held-out targets
-    attacks, attack_extras = attack_suite(campaign, options, split, shadow_statistics)
+    attacks, attack_extras, attack_scores, target_masks = attack_suite(campaign, options, split, shadow_statistics)
     del shadow_statistics
 
     # --- subgroups and diseases
@@ -216,7 +236,7 @@ def run_audit(logdir, options: AuditOptions = AuditOptions()):
     patient_shares = share_above(patients["auc_max"].to_numpy())
     summary = {
         "dataset": dataset,
-        "logdir": str(Path(logdir)),
+        "logdir": str(Path(campaign.logdir)),
         "task": campaign.task,
         "n_runs": campaign.n_runs,
         "n_records": int(len(records)),
@@ -236,7 +256,7 @@ def run_audit(logdir, options: AuditOptions = AuditOptions()):
     write_json(out_dir / "attack_summary.json", summary)
     report_path = _write_report(out_dir, dataset, summary, attacks, patient_table, privacy_table, utility_table, figs, slugs, notes)
     summary["report"] = str(report_path)
-    return summary
+    return AuditResult(summary, attack_scores, target_masks)
 
 
 def _pct(x):

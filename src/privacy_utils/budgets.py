@@ -40,14 +40,10 @@ from src.campaign.rundir import METRICS_FILE, list_complete_runs, run_dir
 from src.errors import MedleakError
 from src.io_utils import read_json, write_csv, write_json
 from src.privacy_utils import figures, report
-from src.privacy_utils.audit import AuditOptions, check_options, run_audit, split_targets
-from src.privacy_utils.lira import lira_from_stats, shadow_stats
+from src.privacy_utils.audit import LIRA_VARIANTS, AuditOptions, audit_campaign, check_options
 from src.privacy_utils.load import load_campaign, read_plan_files
 from src.privacy_utils.roc import summarise_attack
-from src.privacy_utils.scores import log_p_from_lira
 
-LIRA_VARIANTS = (("LiRA online", {}), ("LiRA online, fixed variance", {"fix_variance": True}),
-                 ("LiRA offline", {"offline": True}), ("LiRA offline, fixed variance", {"offline": True, "fix_variance": True}))
 MAX_BOUND_GROUPS = 8  # each group's bound composes a PLD over all steps (seconds): bounded work per logdir
 INDEPENDENCE_NOTE = ("empirical epsilon: one trial per patient of each held-out target model (record-level DP: single-image "
                      "patients only); trials of one model share its training randomness and are not independent, so the "
@@ -228,19 +224,16 @@ def subgroup_utility(metrics):
     return pd.DataFrame(rows, columns=["attribute", "category", "auroc_mean", "auroc_sd", "n_runs"])
 
 
-def strongest_attack_scores(scores, masks, eval_size, unit_index):
+def strongest_attack_scores(attack_scores, target_masks, unit_index):
     """(name, in_scores, out_scores, n_candidates) of the strongest LiRA variant or loss threshold, per unit.
 
-    The same split and scoring as the single audit (`audit.attack_suite`): the last `eval_size`
-    runs are targets, the others shadows; strongest = highest mean AUC over targets. unit_index
-    (n_records,) int gives each record's trial (a patient), −1 leaves the record out; a trial's
-    score is the mean over its records, its membership that of its records (all equal).
+    attack_scores / target_masks: the single audit's held-out targets (`audit.AuditResult`);
+    strongest = highest mean AUC over targets (RMIA is left out: its scores are population ranks).
+    unit_index (n_records,) int gives each record's trial (a patient), −1 leaves the record out; a
+    trial's score is the mean over its records, its membership that of its records (all equal).
     """
-    targets, shadows = split_targets(scores.shape[0], eval_size)
-    target_scores, target_masks = scores[targets], masks[targets]
-    stats = shadow_stats(scores[shadows], masks[shadows])
-    candidates = {name: lira_from_stats(stats, target_scores, **kwargs) for name, kwargs in LIRA_VARIANTS}
-    candidates["Loss threshold"] = log_p_from_lira(target_scores).mean(axis=2)
+    candidates = {name: attack_scores[name] for name, _ in LIRA_VARIANTS}
+    candidates["Loss threshold"] = attack_scores["Loss threshold"]
     aucs = {name: summarise_attack(s, target_masks)[0]["auc"]["mean"] for name, s in candidates.items()}
     best = max(aucs, key=aucs.get)
     unit_scores, unit_members = unit_trials(np.asarray(candidates[best], dtype=np.float64), target_masks, unit_index)
@@ -340,16 +333,15 @@ def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
     rows, record_curves, patient_curves, subgroup_rows = [], [], [], []
     for budget in tqdm(budgets, desc="budgets", unit="logdir", disable=not options.progress):
         single_dir = out_dir / budget.label
-        run_audit(budget.logdir, dataclasses.replace(options, out_dir=single_dir, dataset=dataset))
+        campaign = load_campaign(budget.logdir, progress=options.progress)
+        audit = audit_campaign(campaign, dataclasses.replace(options, out_dir=single_dir, dataset=dataset))
         record_table = pd.read_csv(single_dir / "record_risk.csv", dtype={"record_id": str, "patient_id": str}, keep_default_na=False)
         patient_table = pd.read_csv(single_dir / "patient_risk.csv", dtype={"patient_id": str}, keep_default_na=False)
         bound = auc_bound(budget.facts)
         p_bounds = patient_bounds(budget.facts, bound, patient_table["n_records"].to_numpy())
-        campaign = load_campaign(budget.logdir, progress=False)
         units = trial_units(campaign.records["patient_id"].to_numpy(), budget.facts["unit"])
-        attack, in_scores, out_scores, n_candidates = strongest_attack_scores(campaign.scores, campaign.masks,
-                                                                              options.eval_size, units)
-        del campaign
+        attack, in_scores, out_scores, n_candidates = strongest_attack_scores(audit.attack_scores, audit.target_masks, units)
+        del campaign, audit
         delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else 1.0 / len(patient_table)
         empirical = (empirical_epsilon_lower_bound(in_scores, out_scores, delta, significance=0.05 / n_candidates)
                      if in_scores.size and out_scores.size else math.nan)
