@@ -7,7 +7,7 @@ many GPUs/machines as share the logdir (runs are shared out by file locks). --ev
 model on the whole training split and reports test metrics. All flags and their defaults: --help.
 """
 
-from src.campaign.main import run_script
+from medleak.campaign.main import run_script
 
 if __name__ == "__main__":
     run_script("chexpert")

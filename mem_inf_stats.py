@@ -17,7 +17,7 @@ into --out_dir (default ./figs/<dataset>_dp).
 
 from absl import app, flags
 
-from src.cli import main_guard
+from medleak.cli import main_guard
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("logdir", None, "Campaign logdir written by a dataset script (plan.json, runs/); several, comma-separated, "
@@ -36,8 +36,8 @@ flags.DEFINE_float("top_share", 0.01, "Share of most vulnerable patients whose c
 @main_guard
 def main(argv):
     del argv
-    from src.errors import MedleakError
-    from src.privacy_utils.audit import AuditOptions, run_audit
+    from medleak.errors import MedleakError
+    from medleak.privacy_utils.audit import AuditOptions, run_audit
 
     if not FLAGS.logdir:
         raise MedleakError("--logdir is required (the campaign directory written by e.g. chexpert.py)")
@@ -45,7 +45,7 @@ def main(argv):
                            seed=FLAGS.seed, rmia_gamma=FLAGS.rmia_gamma, rmia_trim=FLAGS.rmia_trim,
                            rmia_population=FLAGS.rmia_population, top_share=FLAGS.top_share)
     if "," in FLAGS.logdir:
-        from src.privacy_utils.budgets import compare_budgets, parse_logdirs
+        from medleak.privacy_utils.budgets import compare_budgets, parse_logdirs
 
         summary = compare_budgets(parse_logdirs(FLAGS.logdir), options)
         for row in summary["budgets"]:

@@ -9,10 +9,10 @@ reference model (PadChest's). Needs no torch. Outputs are described in docs/XRV.
 
 from absl import app, flags
 
-from src.cli import main_guard
-from src.errors import MedleakError
-from src.privacy_utils.rmia import DEFAULT_GAMMA
-from src.xrv import attack
+from medleak.cli import main_guard
+from medleak.errors import MedleakError
+from medleak.privacy_utils.rmia import DEFAULT_GAMMA
+from medleak.xrv import attack
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("logdir", "./logs/torchxrayvision", "folder holding the per-dataset logdirs of xrv_scores.py")

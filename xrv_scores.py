@@ -12,9 +12,9 @@ import os
 
 from absl import app, flags
 
-from src.cli import main_guard
-from src.data_utils.datasets import dataset_options
-from src.errors import MedleakError
+from medleak.cli import main_guard
+from medleak.data_utils.datasets import dataset_options
+from medleak.errors import MedleakError
 
 DATASETS = ("chexpert", "mimic")
 
@@ -54,7 +54,7 @@ def main(argv):
     if len(argv) > 1:
         raise MedleakError(f"unexpected arguments {argv[1:]}; all settings are --flags (see --help)")
     try:  # torch is optional for medleak: import it only here, so --help works without it
-        from src.xrv import scores
+        from medleak.xrv import scores
     except ImportError as e:
         raise MedleakError(f"xrv_scores.py needs torch and torchxrayvision ({e}); "
                            "pip install -r requirements-xrv.txt") from None

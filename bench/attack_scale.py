@@ -17,10 +17,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.privacy_utils import lira, rmia  # noqa: E402
-from src.privacy_utils.lira import campaign_stats  # noqa: E402
-from src.privacy_utils.risk import record_auc_from_moments  # noqa: E402
-from src.privacy_utils.scores import rmia_from_lira  # noqa: E402
+from medleak.privacy_utils import lira, rmia  # noqa: E402
+from medleak.privacy_utils.lira import campaign_stats  # noqa: E402
+from medleak.privacy_utils.risk import record_auc_from_moments  # noqa: E402
+from medleak.privacy_utils.scores import rmia_from_lira  # noqa: E402
 
 
 def synthetic_scores(n_models, n_records, n_views, seed=0):

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.data_utils import datasets, image_cache, synthetic  # noqa: E402
+from medleak.data_utils import datasets, image_cache, synthetic  # noqa: E402
 
 
 def main():

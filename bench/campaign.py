@@ -24,8 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from src.campaign import rundir  # noqa: E402
-from src.data_utils import datasets, image_cache, synthetic  # noqa: E402
+from medleak.campaign import rundir  # noqa: E402
+from medleak.data_utils import datasets, image_cache, synthetic  # noqa: E402
 
 
 def run_workers(n_workers, flags, logdir):

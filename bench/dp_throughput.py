@@ -2,7 +2,7 @@
 
 The Trainer's compiled step (gather, augmentation, gradient estimator, optimiser, EMA) is timed
 back to back on one device batch of `--batch_size` real images, once with the default masked-mean
-estimator and once with the DP estimator (`src.dp.estimator.DpTraining`: per-example gradients
+estimator and once with the DP estimator (`medleak.dp.estimator.DpTraining`: per-example gradients
 with vmap, clipping, noise), record-level, no padding, so both steps process the same images:
 
 - `dp_<model>_images_per_s`, `nondp_<model>_images_per_s`, `dp_<model>_vs_nondp_ratio`
@@ -32,9 +32,9 @@ def step_images_per_second(model, shape, batch_size, steps, dp_unit=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from src.config import TrainConfig
-    from src.dp.estimator import DpTraining
-    from src.train_utils.training import Trainer
+    from medleak.config import TrainConfig
+    from medleak.dp.estimator import DpTraining
+    from medleak.train_utils.training import Trainer
 
     rng = np.random.default_rng(0)
     n = 4 * batch_size

@@ -52,8 +52,8 @@ def measure_trainer(name, model, shape, batch_size, steps_per_run, bare_steps, c
     import jax.numpy as jnp
     import numpy as np
 
-    from src.config import TrainConfig
-    from src.train_utils.training import Trainer
+    from medleak.config import TrainConfig
+    from medleak.train_utils.training import Trainer
 
     expected = steps_per_run * batch_size  # one epoch of steps_per_run steps
     images, labels = synthetic(2 * expected, shape, 10)
@@ -102,7 +102,7 @@ def textbook_step(shape, batch_size, n_models, calls):
     import numpy as np
     import optax
 
-    from src.train_utils.models import create_model
+    from medleak.train_utils.models import create_model
 
     model = create_model("small_cnn", 10)
     optimizer = optax.sgd(0.01, momentum=0.9)
@@ -161,7 +161,7 @@ def main():
     args = parser.parse_args()
 
     if args.child:  # one of --workers processes: configure memory before JAX starts
-        from src.train_utils.device import configure_device_memory
+        from medleak.train_utils.device import configure_device_memory
 
         configure_device_memory(args.workers)
         import contextlib

@@ -23,8 +23,8 @@ import torch  # noqa: E402
 import torchxrayvision as xrv  # noqa: E402
 
 from bench._timing import report  # noqa: E402
-from src.xrv import inference  # noqa: E402
-from src.xrv.preprocess import load_preprocessed  # noqa: E402
+from medleak.xrv import inference  # noqa: E402
+from medleak.xrv.preprocess import load_preprocessed  # noqa: E402
 
 
 def main():

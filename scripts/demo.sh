@@ -14,7 +14,7 @@ export MEDLEAK_CACHE_DIR="$out/cache"
 start=$SECONDS
 
 echo "== 1/4 synthetic CheXpert-layout dataset -> $out/data"
-"$python" -m src.data_utils.synthetic --out_dir="$out/data" --n_patients=240 --img_size=32
+"$python" -m medleak.data_utils.synthetic --out_dir="$out/data" --n_patients=240 --img_size=32
 
 echo "== 2/4 training 16 shadow models (small_cnn, 16x16, CPU) -> $out/logs"
 # No augmentation and enough epochs that the models memorise what they cannot learn (the planted
@@ -31,7 +31,7 @@ echo "== 3/4 attacks and report -> $out/figs"
 echo "== 4/4 planted vulnerable patients"
 "$python" - "$out" <<'PY'
 import sys
-from src.data_utils.synthetic import planted_ranks
+from medleak.data_utils.synthetic import planted_ranks
 out = sys.argv[1]
 ranks, n = planted_ranks(f"{out}/data", f"{out}/figs/patient_risk.csv")
 print(f"planted patients rank {ranks} of {n} patients by attack AUC (top decile: 1-{max(1, n // 10)})")

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.dp.accounting import auc_upper_bound, auc_upper_bound_for_training, spent_epsilon
-from src.errors import MedleakError
-from src.privacy_utils import budgets
-from src.privacy_utils.audit import AuditOptions
+from medleak.dp.accounting import auc_upper_bound, auc_upper_bound_for_training, spent_epsilon
+from medleak.errors import MedleakError
+from medleak.privacy_utils import budgets
+from medleak.privacy_utils.audit import AuditOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "positive"]

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src.errors import MedleakError
-from src.privacy_utils.audit import AuditOptions, run_audit
-from src.privacy_utils.load import load_campaign
+from medleak.errors import MedleakError
+from medleak.privacy_utils.audit import AuditOptions, run_audit
+from medleak.privacy_utils.load import load_campaign
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["benign", "malignant", "other"]

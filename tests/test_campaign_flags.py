@@ -3,10 +3,10 @@
 import pytest
 from absl import flags
 
-from src.campaign import flags as campaign_flags
-from src.config import DATASET_DEFAULTS, TrainConfig
-from src.data_utils.datasets import dataset_options
-from src.errors import MedleakError
+from medleak.campaign import flags as campaign_flags
+from medleak.config import DATASET_DEFAULTS, TrainConfig
+from medleak.data_utils.datasets import dataset_options
+from medleak.errors import MedleakError
 
 
 def parsed(dataset, *argv):

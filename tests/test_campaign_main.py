@@ -2,9 +2,9 @@
 
 import pytest
 
-from src.campaign.main import CacheOptions, RunTrainer, load_splits
-from src.config import TrainConfig
-from src.errors import MedleakError
+from medleak.campaign.main import CacheOptions, RunTrainer, load_splits
+from medleak.config import TrainConfig
+from medleak.errors import MedleakError
 from tests.layouts import write_chexpert
 
 

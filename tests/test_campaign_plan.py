@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.campaign import plan
-from src.config import TrainConfig
-from src.data_utils.records import RecordsTable
-from src.errors import MedleakError
+from medleak.campaign import plan
+from medleak.config import TrainConfig
+from medleak.data_utils.records import RecordsTable
+from medleak.errors import MedleakError
 
 
 def slow_patient_mask(n_runs, n_patients, subset_ratio, seed):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.campaign import plan, rundir
+from medleak.campaign import plan, rundir
 from tests import layouts
 
 REPO = Path(__file__).resolve().parent.parent

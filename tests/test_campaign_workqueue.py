@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.campaign import plan, rundir
-from src.campaign.workqueue import Progress, WorkQueue
-from src.config import TrainConfig
-from src.data_utils.records import RecordsTable
+from medleak.campaign import plan, rundir
+from medleak.campaign.workqueue import Progress, WorkQueue
+from medleak.config import TrainConfig
+from medleak.data_utils.records import RecordsTable
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -70,9 +70,9 @@ def read_events(events_path):
 
 
 def worker_main(cfg):
-    from src.campaign.main import prepare_campaign
-    from src.campaign.workqueue import work_loop
-    from src.cli import main_guard
+    from medleak.campaign.main import prepare_campaign
+    from medleak.campaign.workqueue import work_loop
+    from medleak.cli import main_guard
 
     @main_guard
     def run():
@@ -96,7 +96,7 @@ def worker_main(cfg):
             emit(cfg["events"], kind="start", run=run_index)
             starts = sum(e["kind"] == "start" and e["run"] == run_index for e in read_events(cfg["events"]))
             if cfg.get("user_error"):
-                from src.errors import MedleakError
+                from medleak.errors import MedleakError
 
                 raise MedleakError("injected bad input")
             if cfg.get("fail_every_run") or run_index in cfg.get("fail_always", []) or (run_index in cfg.get("fail_once", []) and starts == 1):
@@ -361,7 +361,7 @@ def test_stale_temporary_directories_of_dead_local_processes_are_removed(tmp_pat
 
 
 def test_bad_queue_settings_are_refused(tmp_path):
-    from src.errors import MedleakError
+    from medleak.errors import MedleakError
 
     with pytest.raises(MedleakError, match="--lease_seconds"):
         WorkQueue(tmp_path, lease_seconds=0)
@@ -370,7 +370,7 @@ def test_bad_queue_settings_are_refused(tmp_path):
 
 
 def test_a_logdir_that_cannot_be_created_is_a_one_line_error(tmp_path):
-    from src.errors import MedleakError
+    from medleak.errors import MedleakError
 
     (tmp_path / "file").write_text("a file, not a folder")
     with pytest.raises(MedleakError, match="--logdir"):

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data_utils import datasets, image_cache
-from src.errors import MedleakError
+from medleak.data_utils import datasets, image_cache
+from medleak.errors import MedleakError
 from tests import layouts
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data_utils import datasets, embed, embed_prepare, image_cache
-from src.errors import MedleakError
+from medleak.data_utils import datasets, embed, embed_prepare, image_cache
+from medleak.errors import MedleakError
 from tests import layouts
 
 HAVE_PYDICOM = importlib.util.find_spec("pydicom") is not None

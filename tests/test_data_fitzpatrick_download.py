@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src.data_utils import datasets, fitzpatrick_download
-from src.errors import MedleakError
+from medleak.data_utils import datasets, fitzpatrick_download
+from medleak.errors import MedleakError
 from tests import layouts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_download_retries_verifies_records_and_resumes(tmp_path, server, capsys)
     (tmp_path / f"{df['md5hash'][0]}.jpg").write_bytes(b"\xff\xd8partial")
     hits_before = dict(server.hits)
     result = subprocess.run(
-        [sys.executable, "-m", "src.data_utils.fitzpatrick_download", f"--csv={tmp_path / 'fitzpatrick17k.csv'}",
+        [sys.executable, "-m", "medleak.data_utils.fitzpatrick_download", f"--csv={tmp_path / 'fitzpatrick17k.csv'}",
          f"--data_root={tmp_path}", "--retries=0", "--backoff=0", "--num_workers=2"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -146,7 +146,7 @@ def test_refuses_to_overwrite_the_input_csv(tmp_path, server):
     with pytest.raises(MedleakError, match="never overwritten"):
         fitzpatrick_download.download_all(tmp_path / "fitzpatrick17k.csv", tmp_path,
                                           out_csv=tmp_path / "fitzpatrick17k.csv")
-    result = subprocess.run([sys.executable, "-m", "src.data_utils.fitzpatrick_download",
+    result = subprocess.run([sys.executable, "-m", "medleak.data_utils.fitzpatrick_download",
                              f"--csv={tmp_path / 'nope.csv'}", f"--data_root={tmp_path}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: ")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src import io_utils
-from src.data_utils import datasets, image_cache
-from src.errors import MedleakError
+from medleak import io_utils
+from medleak.data_utils import datasets, image_cache
+from medleak.errors import MedleakError
 from tests import layouts
 
 
@@ -122,7 +122,7 @@ def test_default_cache_dir_from_environment(tmp_path, monkeypatch):
 
 
 def _build_in_process(root, cache, queue):
-    from src.data_utils import datasets as ds, image_cache as ic  # fresh imports in the child
+    from medleak.data_utils import datasets as ds, image_cache as ic  # fresh imports in the child
     table = ds.load_dataset("chexpert", root)
     images, _ = ic.cached_images(table, root, 24, cache_dir=cache, num_workers=1)
     queue.put((os.getpid(), io_utils.sha256_bytes(np.ascontiguousarray(images).tobytes())))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data_utils import chexpert, datasets, embed, fairvision, fitzpatrick, mimic, records
+from medleak.data_utils import chexpert, datasets, embed, fairvision, fitzpatrick, mimic, records
 from tests import layouts
 
 

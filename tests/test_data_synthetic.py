@@ -9,8 +9,8 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from src import io_utils
-from src.data_utils import chexpert, datasets, image_cache, synthetic
+from medleak import io_utils
+from medleak.data_utils import chexpert, datasets, image_cache, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_seeded_and_command_line(tmp_path):
     assert csv("a") == csv("b") and csv("a") != csv("c")
     assert a["planted_patients"] == b["planted_patients"]
 
-    result = subprocess.run([sys.executable, "-m", "src.data_utils.synthetic", f"--out_dir={tmp_path / 'cli'}",
+    result = subprocess.run([sys.executable, "-m", "medleak.data_utils.synthetic", f"--out_dir={tmp_path / 'cli'}",
                              "--n_patients=12", "--img_size=16", "--n_planted=2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -85,6 +85,6 @@ def test_seeded_and_command_line(tmp_path):
     assert len(io_utils.read_json(tmp_path / "cli/planted_patients.json")["patient_ids"]) == 2
     assert (tmp_path / "cli" / train["Path"][0]).is_file()
 
-    bad = subprocess.run([sys.executable, "-m", "src.data_utils.synthetic", f"--out_dir={tmp_path / 'bad'}",
+    bad = subprocess.run([sys.executable, "-m", "medleak.data_utils.synthetic", f"--out_dir={tmp_path / 'bad'}",
                           "--n_patients=10", "--n_planted=50"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--n_planted" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -7,9 +7,9 @@ import pytest
 from jax_privacy import auditing
 from scipy import optimize, stats
 
-from src.config import TrainConfig
-from src.dp import accounting, estimator, sampling
-from src.errors import MedleakError
+from medleak.config import TrainConfig
+from medleak.dp import accounting, estimator, sampling
+from medleak.errors import MedleakError
 
 
 @pytest.mark.parametrize("target_epsilon", [1.0, 2.0])

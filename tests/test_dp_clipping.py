@@ -1,4 +1,4 @@
-"""Per-unit clipping, Gaussian noise and the DP gradient estimator (src/dp/)."""
+"""Per-unit clipping, Gaussian noise and the DP gradient estimator (src/medleak/dp/)."""
 
 import dataclasses
 
@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from src.config import TrainConfig
-from src.dp import clipping, estimator, noise
-from src.errors import MedleakError
+from medleak.config import TrainConfig
+from medleak.dp import clipping, estimator, noise
+from medleak.errors import MedleakError
 
 N_CLASSES = 3
 

@@ -1,11 +1,11 @@
-"""Poisson sampling into fixed-shape padded batches (src/dp/sampling.py)."""
+"""Poisson sampling into fixed-shape padded batches (src/medleak/dp/sampling.py)."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from src.dp import sampling
-from src.errors import MedleakError
+from medleak.dp import sampling
+from medleak.errors import MedleakError
 
 
 def test_padded_unit_count_is_the_smallest_with_tail_below_target():

@@ -1,4 +1,4 @@
-"""DP-SGD wired into the real Trainer (src/dp/estimator.py DpTraining + src/train_utils)."""
+"""DP-SGD wired into the real Trainer (src/medleak/dp/estimator.py DpTraining + src/medleak/train_utils)."""
 
 import dataclasses
 
@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from src.config import TrainConfig
-from src.dp import accounting, estimator
-from src.errors import MedleakError
-from src.train_utils import training
+from medleak.config import TrainConfig
+from medleak.dp import accounting, estimator
+from medleak.errors import MedleakError
+from medleak.train_utils import training
 
 N_PATIENTS = 90
 

@@ -1,4 +1,4 @@
-"""Every statistic of src/privacy_utils against a slow, obviously-correct loop on random data."""
+"""Every statistic of src/medleak/privacy_utils against a slow, obviously-correct loop on random data."""
 
 import math
 import sys
@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from src.errors import MedleakError
-from src.privacy_utils import lira, lira_scores, patient_risk, record_auc, rmia, rmia_scores
-from src.privacy_utils.lira import campaign_stats, shadow_stats
-from src.privacy_utils.risk import esf, hanley_mcneil_se, in_out_moments, share_above
-from src.privacy_utils.rmia import population_indices, reference_probability, tune_offline_a
-from src.privacy_utils.roc import auc_score, summarise_attack, tpr_at_fpr
-from src.privacy_utils.scores import rmia_from_lira
+from medleak.errors import MedleakError
+from medleak.privacy_utils import lira, lira_scores, patient_risk, record_auc, rmia, rmia_scores
+from medleak.privacy_utils.lira import campaign_stats, shadow_stats
+from medleak.privacy_utils.risk import esf, hanley_mcneil_se, in_out_moments, share_above
+from medleak.privacy_utils.rmia import population_indices, reference_probability, tune_offline_a
+from medleak.privacy_utils.roc import auc_score, summarise_attack, tpr_at_fpr
+from medleak.privacy_utils.scores import rmia_from_lira
 
-lira_module = sys.modules["src.privacy_utils.lira"]
+lira_module = sys.modules["medleak.privacy_utils.lira"]
 
 
 def random_campaign(n_models=13, n_records=40, n_views=3, seed=0, shift=0.7):

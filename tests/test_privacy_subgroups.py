@@ -1,4 +1,4 @@
-"""Subgroup statistics of src/privacy_utils/subgroups.py against slow loops."""
+"""Subgroup statistics of src/medleak/privacy_utils/subgroups.py against slow loops."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics
 
-from src.privacy_utils.subgroups import (composition, n_top, patient_attributes, privacy_by_subgroup, record_label_text,
+from medleak.privacy_utils.subgroups import (composition, n_top, patient_attributes, privacy_by_subgroup, record_label_text,
                                          utility_by_subgroup)
 
 

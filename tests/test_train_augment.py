@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from src.errors import MedleakError
-from src.train_utils import augment
+from medleak.errors import MedleakError
+from medleak.train_utils import augment
 
 B, H, W, C = 6, 16, 12, 3
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from src.errors import MedleakError
-from src.train_utils.device import configure_device_memory, count_compilations
+from medleak.errors import MedleakError
+from medleak.train_utils.device import configure_device_memory, count_compilations
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_memory_fraction_is_set_before_jax_starts_and_refused_after():
     done = run_python(
         "import os\n"
-        "from src.train_utils.device import configure_device_memory\n"
+        "from medleak.train_utils.device import configure_device_memory\n"
         "print(configure_device_memory(3), os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])\n"
         "import jax.numpy as jnp; jnp.zeros(1)\n"
         "try:\n"

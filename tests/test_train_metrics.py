@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from src.errors import MedleakError
-from src.train_utils import metrics
+from medleak.errors import MedleakError
+from medleak.train_utils import metrics
 
 
 def pairwise_auroc(scores, positives):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from src.errors import MedleakError
-from src.train_utils.models import create_model
+from medleak.errors import MedleakError
+from medleak.train_utils.models import create_model
 
 
 def n_params(model, shape):

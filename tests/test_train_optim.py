@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from src.config import TrainConfig
-from src.errors import MedleakError
-from src.train_utils import optim, training
-from src.train_utils.models import create_model
+from medleak.config import TrainConfig
+from medleak.errors import MedleakError
+from medleak.train_utils import optim, training
+from medleak.train_utils.models import create_model
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_zero():

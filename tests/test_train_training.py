@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from src.config import TrainConfig
-from src.errors import MedleakError
-from src.train_utils import augment, metrics
-from src.train_utils.device import count_compilations
-from src.train_utils.training import Trainer, TrainingDiverged
+from medleak.config import TrainConfig
+from medleak.errors import MedleakError
+from medleak.train_utils import augment, metrics
+from medleak.train_utils.device import count_compilations
+from medleak.train_utils.training import Trainer, TrainingDiverged
 
 SIZE, N_TRAIN, N_TEST, N_CLASSES = 16, 96, 32, 3
 

@@ -11,10 +11,10 @@ import pytest
 from scipy import special
 from sklearn import metrics
 
-from src.data_utils.records import RecordsTable
-from src.errors import MedleakError
-from src.xrv import attack
-from src.xrv import logdir as logdir_format
+from medleak.data_utils.records import RecordsTable
+from medleak.errors import MedleakError
+from medleak.xrv import attack
+from medleak.xrv import logdir as logdir_format
 
 LABELS = ("Atelectasis", "Edema", "Pleural Effusion", "Fracture")
 N_PATIENTS = 150

@@ -19,11 +19,11 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-xrv.txt)")
 xrv = pytest.importorskip("torchxrayvision", reason="torchxrayvision not installed (pip install -r requirements-xrv.txt)")
 
-from src.data_utils.datasets import load_dataset  # noqa: E402
-from src.errors import MedleakError  # noqa: E402
-from src.io_utils import load_npy, read_json  # noqa: E402
-from src.xrv import attack, models, split  # noqa: E402
-from src.xrv.preprocess import load_preprocessed  # noqa: E402
+from medleak.data_utils.datasets import load_dataset  # noqa: E402
+from medleak.errors import MedleakError  # noqa: E402
+from medleak.io_utils import load_npy, read_json  # noqa: E402
+from medleak.xrv import attack, models, split  # noqa: E402
+from medleak.xrv.preprocess import load_preprocessed  # noqa: E402
 from tests.layouts import write_chexpert, write_mimic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_attack_writes_figures_and_tables(audit):
 
 
 def test_missing_weights_is_one_line_naming_the_file(tmp_path):
-    from src.xrv import scores
+    from medleak.xrv import scores
 
     config = scores.ScoreConfig(weights_dir=str(tmp_path), n_per=1)
     with pytest.raises(MedleakError) as error:
@@ -176,7 +176,7 @@ def test_weights_needing_other_pickled_objects_are_refused_unless_trusted(tmp_pa
 
 
 def test_existing_logdir_is_not_overwritten_silently(audit):
-    from src.xrv import scores
+    from medleak.xrv import scores
 
     logdir = audit["logroot"] / "chexpert"
     before = load_npy(logdir / "runs" / "run_0000" / "train_logits.npy")

@@ -6,8 +6,8 @@ from PIL import Image
 
 pytest.importorskip("torchxrayvision", reason="torchxrayvision not installed (pip install -r requirements-xrv.txt)")
 
-from src.errors import MedleakError  # noqa: E402
-from src.xrv.preprocess import load_preprocessed, xrv_preprocess  # noqa: E402
+from medleak.errors import MedleakError  # noqa: E402
+from medleak.xrv.preprocess import load_preprocessed, xrv_preprocess  # noqa: E402
 
 
 def test_intensities_map_to_plus_minus_1024_and_size_is_224():

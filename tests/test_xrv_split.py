@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data_utils.datasets import load_dataset
-from src.data_utils.records import RecordsTable
-from src.errors import MedleakError
-from src.xrv import split
+from medleak.data_utils.datasets import load_dataset
+from medleak.data_utils.records import RecordsTable
+from medleak.errors import MedleakError
+from medleak.xrv import split
 from tests.layouts import write_chexpert, write_mimic
 
 

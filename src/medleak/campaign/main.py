@@ -1,0 +1,291 @@
+"""The campaign entry point shared by the per-dataset scripts (fitzpatrick.py, chexpert.py, …).
+
+One worker process: load the dataset's records table → create or check the logdir's plan under the
+queue lock → claim runs until none is left; for each run train a model on its IN patients' records,
+infer every training record under V views and the test set, and write the run directory atomically.
+Images are decoded into the cache and the Trainer is built (compiled) only when the first run is
+claimed, so a worker started on a finished campaign exits in seconds. Start as many workers as you
+like, on as many machines as share the logdir.
+"""
+
+import dataclasses
+import functools
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medleak.campaign import plan, rundir
+from medleak.campaign.workqueue import WorkQueue, work_loop
+from medleak.errors import MedleakError
+
+EVAL_ONLY_DIR = "eval_only"
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def prepare_campaign(queue: WorkQueue, document: dict, train_table, test_table, log=_log):
+    """Creates the logdir's plan (first worker) or checks it (later ones), all under the queue lock.
+
+    Returns (stored plan document, patient mask, created).
+    """
+    with queue.locked():
+        stored, patient_mask, created = plan.ensure_plan(queue.logdir, document, train_table, test_table)
+        queue.initialize(stored["campaign"]["n_runs"])
+    if created:
+        campaign = stored["campaign"]
+        log(f"created the plan of {campaign['n_runs']} runs over {stored['n_patients']} patients "
+            f"({stored['n_train_records']} training records) in {queue.logdir}")
+    return stored, patient_mask, created
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheOptions:
+    """Where and how images are decoded into the uint8 cache (see src/medleak/data_utils/image_cache.py)."""
+
+    cache_dir: str | None = None
+    num_workers: int | None = None
+    # Leave out (and list) missing/undecodable images instead of stopping: the campaign then plans
+    # over the records that have an image.
+    skip_unreadable: bool = False
+
+
+def load_splits(dataset: str, data_root, options: dict, img_size=None, cache: CacheOptions = CacheOptions()):
+    """(train table, test table) of a dataset, each re-indexed from 0 (row i = logit row i).
+
+    With `cache.skip_unreadable`, images are decoded here (once, into the cache) and records without
+    a readable image are dropped before anything is planned over the tables.
+    """
+    from medleak.data_utils.datasets import load_dataset
+
+    table = load_dataset(dataset, data_root, **options)
+    splits = {"train": table.split("train"), "test": table.split("test")}
+    for name, split in splits.items():
+        if split.n_records == 0:
+            raise MedleakError(f"{dataset}: the {name} split under --data_root={data_root} is empty")
+        if cache.skip_unreadable:
+            from medleak.data_utils.image_cache import cached_images
+
+            _, kept = cached_images(split, data_root, img_size, cache_dir=cache.cache_dir,
+                                    num_workers=cache.num_workers, skip_unreadable=True)
+            splits[name] = dataclasses.replace(kept, df=kept.df.reset_index(drop=True))
+    return splits["train"], splits["test"]
+
+
+class RunTrainer:
+    """Everything one worker process needs to train runs: cached images and one compiled Trainer."""
+
+    def __init__(self, train_table, test_table, train_config, data_root, *, expected_train_size: int,
+                 cache: CacheOptions = CacheOptions(), log=_log):
+        from medleak.data_utils.image_cache import cached_images
+
+        started = time.time()
+        self.train_table, self.test_table, self.config, self.log = train_table, test_table, train_config, log
+        train_images, cached_train = cached_images(train_table, data_root, train_config.img_size,
+                                                   cache_dir=cache.cache_dir, num_workers=cache.num_workers)
+        test_images, cached_test = cached_images(test_table, data_root, train_config.img_size,
+                                                 cache_dir=cache.cache_dir, num_workers=cache.num_workers)
+        if cached_train.n_records != train_table.n_records or cached_test.n_records != test_table.n_records:
+            raise MedleakError(f"{train_table.name}: the image cache left out unreadable images; "
+                               "fix or remove them, or pass --skip_unreadable")
+        self.cache_seconds = time.time() - started
+        log(f"images ready: train {train_images.shape}, test {test_images.shape} ({self.cache_seconds:.1f} s)")
+        self.train_labels = train_table.labels()
+        self.test_labels = test_table.labels()
+        self.trainer, self.dp = _build_trainer(train_config, train_images, self.train_labels, train_table,
+                                               test_images, self.test_labels, expected_train_size)
+        self.test_subgroups = {name: test_table.df[name].to_numpy() for name in test_table.subgroups}
+
+    def train_and_infer(self, record_mask: np.ndarray, seed: int) -> dict:
+        """Trains one model on the records where `record_mask` is True; returns the run's contents."""
+        from medleak.train_utils.metrics import classification_metrics
+
+        task = self.train_table.task
+        train_indices = np.flatnonzero(record_mask)
+        dp_summary = None
+        if self.dp is not None:
+            from medleak.dp.accounting import format_summary
+
+            dp_summary = self.dp.summary(train_indices)
+            self.log(format_summary(dp_summary))
+        started = time.time()
+        model = self.trainer.train(train_indices, seed, progress=sys.stderr.isatty())
+        trained = time.time()
+        train_logits = np.asarray(self.trainer.infer_train_views(model), dtype=np.float32)
+        test_logits = np.asarray(self.trainer.infer_test(model), dtype=np.float32)
+        inferred = time.time()
+        clean = train_logits[:, 0]
+        losses = np.asarray(model.losses)
+        metrics = {
+            "test": classification_metrics(test_logits, self.test_labels, task, self.test_subgroups),
+            "train_in": classification_metrics(clean[record_mask], self.train_labels[record_mask], task),
+            "train_out": (classification_metrics(clean[~record_mask], self.train_labels[~record_mask], task)
+                          if (~record_mask).any() else None),
+            "final_train_loss": float(losses[-max(1, len(losses) // 10):].mean()) if losses.size else None,
+            "n_train_in": int(record_mask.sum()),
+            "seed": int(seed),
+            "config": self.config.to_dict(),
+            "timings": dict(model.timings, train_seconds=trained - started, infer_seconds=inferred - trained,
+                            compile_seconds_total=dict(self.trainer.compile_seconds)),
+            "dp": dp_summary,
+        }
+        metrics.update(rundir.environment_info())
+        return dict(train_logits=train_logits, train_labels=self.train_labels, record_mask=record_mask,
+                    test_logits=test_logits, test_labels=self.test_labels, metrics=metrics)
+
+
+def _build_trainer(config, train_images, train_labels, train_table, test_images, test_labels, expected_train_size):
+    """(the worker's Trainer, its DpTraining or None); the Trainer compiles on its first run.
+
+    With --epsilon set, DP-SGD (src/medleak/dp) replaces the batch schedule (Poisson sampling of records or
+    patients) and the gradient estimator (clip, sum, add noise); nothing else changes.
+    """
+    from medleak.train_utils.training import Trainer, steps_per_epoch
+
+    if not config.dp:
+        return Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
+                       expected_train_size=expected_train_size), None
+    from medleak.dp.estimator import DpTraining
+
+    dp = DpTraining(config, train_table.df["patient_id"].astype(str).to_numpy(),
+                    steps_per_epoch(expected_train_size, config.batch_size))
+    trainer = Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
+                      expected_train_size=expected_train_size, schedule_fn=dp.schedule_fn,
+                      gradient_estimator=dp.gradient_estimator)
+    return trainer, dp
+
+
+def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
+                 cache: CacheOptions = CacheOptions(), log=_log):
+    """One worker of a shadow-model campaign; returns the WorkSummary when nothing is left to claim."""
+    train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
+    queue = WorkQueue(logdir, lease_seconds=campaign_config.lease_seconds,
+                      max_attempts=campaign_config.max_attempts)
+    document = plan.plan_document(dataset, train_table, test_table, train_config,
+                                  n_runs=campaign_config.n_runs, subset_ratio=campaign_config.subset_ratio,
+                                  seed=campaign_config.seed)
+    _, patient_mask, _ = prepare_campaign(queue, document, train_table, test_table, log=log)
+    _, record_patient_index = plan.patient_index(train_table.df["patient_id"])
+
+    @functools.cache
+    def run_trainer():
+        # built on the first claim only: a worker with nothing to do never decodes or compiles
+        expected = max(1, round(campaign_config.subset_ratio * train_table.n_records))
+        return RunTrainer(train_table, test_table, train_config, data_root, expected_train_size=expected,
+                          cache=cache, log=log)
+
+    def do_run(claim) -> Path:
+        run_index = claim.run_index
+        mask = plan.record_mask(patient_mask[run_index], record_patient_index)
+        seed = plan.run_seed(campaign_config.seed, run_index, claim.attempt)
+        contents = run_trainer().train_and_infer(mask, seed)
+        contents["metrics"].update(run=run_index, dataset=dataset, attempt=claim.attempt)
+        _log_test_metrics(log, rundir.run_dir_name(run_index), contents["metrics"])
+        return rundir.write_run_tmp(logdir, run_index, **contents)
+
+    return work_loop(queue, do_run, log=log)
+
+
+def run_eval_only(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
+                  cache: CacheOptions = CacheOptions(), log=_log) -> dict:
+    """Trains one model on the whole training split; prints and writes its test metrics.
+
+    Written to `<logdir>/eval_only/` (same files as a run directory; replaced on every call).
+    """
+    train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
+    trainer = RunTrainer(train_table, test_table, train_config, data_root,
+                         expected_train_size=train_table.n_records, cache=cache, log=log)
+    contents = trainer.train_and_infer(np.ones(train_table.n_records, dtype=bool), campaign_config.seed)
+    contents["metrics"].update(run=None, dataset=dataset, eval_only=True)
+    final = Path(logdir) / EVAL_ONLY_DIR
+    tmp = rundir.write_run_files(Path(logdir) / f".tmp-{EVAL_ONLY_DIR}-{socket.gethostname()}-{os.getpid()}",
+                                 **contents)
+    rundir.replace_dir(tmp, final)
+    _log_test_metrics(log, "eval_only", contents["metrics"])
+    for name, groups in contents["metrics"]["test"]["subgroups"].items():
+        for value, group in groups.items():
+            log(f"  test {name}={value}: n={group['n']} · accuracy {_fmt(group['accuracy'])} · "
+                f"macro AUROC {_fmt(group['macro_auroc'])}")
+    log(f"wrote {final}")
+    return contents["metrics"]
+
+
+def _log_test_metrics(log, name, metrics):
+    test, train_in = metrics["test"], metrics["train_in"]
+    log(f"{name}: test accuracy {_fmt(test['accuracy'])} · test macro AUROC {_fmt(test['macro_auroc'])} · "
+        f"train accuracy {_fmt(train_in['accuracy'])} · {metrics['timings']['train_seconds']:.1f} s training")
+
+
+def _fmt(value):
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def main_from_flags(dataset: str, argv) -> int:
+    """absl main of a dataset script: flags → run_campaign / run_eval_only."""
+    from absl import flags
+
+    from medleak.campaign import flags as campaign_flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise MedleakError(f"unexpected argument(s) {argv[1:]}; all settings are --flags (see --help)")
+    # before JAX touches the device: several workers per GPU each take their share of its memory
+    from medleak.train_utils.device import configure_device_memory
+
+    configure_device_memory(FLAGS.workers_per_device)
+    kwargs = dict(
+        data_root=FLAGS.data_root,
+        logdir=FLAGS.logdir,
+        train_config=campaign_flags.train_config_from_flags(FLAGS),
+        campaign_config=campaign_flags.campaign_config_from_flags(FLAGS),
+        options=campaign_flags.loader_options_from_flags(dataset, FLAGS),
+        cache=CacheOptions(FLAGS.cache_dir, FLAGS.cache_workers, FLAGS.skip_unreadable),
+    )
+    if FLAGS.eval_only:
+        run_eval_only(dataset, **kwargs)
+    else:
+        run_campaign(dataset, **kwargs)
+    return 0
+
+
+def run_script(dataset: str) -> None:
+    """What each dataset script calls: define its flags and run one worker."""
+    from absl import app
+
+    from medleak.campaign import flags as campaign_flags
+    from medleak.cli import main_guard
+
+    campaign_flags.define_flags(dataset)
+    app.run(main_guard(functools.partial(main_from_flags, dataset)))
+
+
+# Console entry points (pyproject.toml): `medleak-chexpert --flags…` is `python chexpert.py --flags…`.
+def chexpert() -> None:
+    run_script("chexpert")
+
+
+def mimic() -> None:
+    run_script("mimic")
+
+
+def embed() -> None:
+    run_script("embed")
+
+
+def fairvision() -> None:
+    run_script("fairvision")
+
+
+def fitzpatrick() -> None:
+    run_script("fitzpatrick")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m medleak.campaign.main <dataset> --flags…")
+    run_script(sys.argv.pop(1))

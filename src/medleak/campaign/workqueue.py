@@ -1,0 +1,409 @@
+"""A crash-safe work queue over a shared filesystem: file lock + JSON state + leases.
+
+Any number of worker processes, on any number of machines, run the same command against one logdir.
+All queue state lives in `logdir/queue/queue.json` and is only read and written while holding the
+lock `logdir/queue/lock` (an fcntl/flock lock through the `filelock` library; the kernel drops it
+when a holder dies, so a killed worker never leaves the queue locked). The state is rewritten
+atomically (temp file + rename) before the lock is released — never after.
+
+Life of a run: `pending` → `claimed` (owner token + lease deadline; the worker renews the lease from
+a heartbeat thread while it trains) → `done` once its run directory has been renamed into place.
+A claim whose lease expired (worker killed, machine lost) is taken again. A failed attempt
+(exception, diverged loss) is recorded with its error; the run goes back to `pending` until it has
+been tried `max_attempts` times, then it is `failed`. Every claim counts as an attempt, so a run that
+keeps killing its worker (out of memory) also ends up `failed` instead of looping forever. A run
+whose directory exists is `done` whatever the queue says: finished runs are never redone.
+
+A worker exits (status 0) as soon as nothing is claimable. Runs still being trained by other live
+workers are theirs; if such a worker dies later, the next worker started on the logdir (re-running
+the same command) takes its run once the lease has expired.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import filelock
+
+from medleak.campaign import rundir
+from medleak.errors import MedleakError
+from medleak.io_utils import read_json, write_json
+
+QUEUE_DIR = "queue"
+STATE_FILE = "queue.json"
+LOCK_FILE = "lock"
+STATE_FORMAT = 1
+PENDING, CLAIMED, DONE, FAILED = "pending", "claimed", "done", "failed"
+MAX_ERRORS_KEPT = 10  # per run, so a flapping run cannot grow queue.json without bound
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One worker's claim on one run (`token` identifies the worker process)."""
+
+    run_index: int
+    token: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    total: int
+    done: int
+    in_progress: int
+    failed: int
+    pending: int
+
+    def line(self) -> str:
+        return f"run {self.done}/{self.total} done · {self.in_progress} in progress · {self.failed} failed"
+
+
+class WorkQueue:
+    """The queue of one logdir. Cheap to construct; every method takes the lock itself."""
+
+    def __init__(self, logdir, *, lease_seconds: float = 300.0, max_attempts: int = 3,
+                 lock_timeout: float = 600.0):
+        if lease_seconds <= 0:
+            raise MedleakError(f"--lease_seconds must be positive, got {lease_seconds}")
+        if max_attempts < 1:
+            raise MedleakError(f"--max_attempts must be at least 1, got {max_attempts}")
+        self.logdir = Path(logdir)
+        self.dir = self.logdir / QUEUE_DIR
+        self.state_path = self.dir / STATE_FILE
+        self.lock_path = self.dir / LOCK_FILE
+        self.lease_seconds = float(lease_seconds)
+        self.max_attempts = int(max_attempts)
+        self.lock_timeout = float(lock_timeout)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MedleakError(f"--logdir={self.logdir}: cannot create {self.dir} ({e.strerror or e})") from None
+        # Re-entrant within a thread; each thread has its own descriptor, so the heartbeat thread
+        # and the main thread exclude each other like two processes do.
+        # No silent fallback to a soft (lock-file) lock where the filesystem lacks flock: a soft lock
+        # left by a killed worker would block every other worker.
+        self._lock = filelock.FileLock(str(self.lock_path), timeout=self.lock_timeout, fallback_to_soft=False)
+
+    # -- locking and state -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Holds the queue lock (re-entrant in one thread). Plan creation happens inside it."""
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise MedleakError(
+                f"{self.lock_path}: could not take the queue lock within {self.lock_timeout:.0f} s; "
+                "another process holds it (check for a hung worker)"
+            ) from None
+        except OSError as e:
+            raise MedleakError(
+                f"{self.lock_path}: cannot lock it ({e.strerror or e}); the filesystem of --logdir must support "
+                "flock (Lustre: mount with -o flock; NFS: v4 or lockd running)"
+            ) from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _read(self) -> dict:
+        if not self.state_path.is_file():
+            raise MedleakError(f"{self.state_path}: queue not initialised; start workers through a dataset script")
+        try:
+            state = read_json(self.state_path)
+        except ValueError as e:
+            raise MedleakError(f"{self.state_path}: unreadable queue state ({e}); delete it to rebuild from runs/") from None
+        return state
+
+    def _write(self, state: dict) -> None:
+        state["updated"] = time.time()
+        write_json(self.state_path, state)
+
+    def initialize(self, n_runs: int) -> None:
+        """Creates queue.json for `n_runs` runs if absent (runs already on disk count as done)."""
+        with self.locked():
+            if self.state_path.is_file():
+                state = self._read()
+                if state["n_runs"] != n_runs:
+                    raise MedleakError(
+                        f"{self.state_path}: queue has {state['n_runs']} runs but --n_runs={n_runs}; "
+                        "use the logdir's --n_runs or a new --logdir"
+                    )
+                return
+            runs = [_new_run() for _ in range(n_runs)]
+            state = {"format": STATE_FORMAT, "n_runs": int(n_runs), "runs": runs}
+            self._sync_with_run_dirs(state)
+            self._write(state)
+
+    def _sync_with_run_dirs(self, state: dict) -> None:
+        # The run directory is the ground truth for "done" (it may have been copied in by hand,
+        # or renamed just before a crash that lost the state update).
+        for index, run in enumerate(state["runs"]):
+            if run["status"] != DONE and rundir.is_complete(self.logdir, index):
+                run.update(status=DONE, owner=None, lease_until=None)
+
+    def _expire_leases(self, state: dict, now: float) -> None:
+        for run in state["runs"]:
+            if run["status"] == CLAIMED and run["lease_until"] < now:
+                _record_error(run, run["owner"], "lease expired: the worker stopped renewing (killed or lost)", now)
+                run.update(status=FAILED if run["attempts"] >= self.max_attempts else PENDING,
+                           owner=None, lease_until=None)
+
+    # -- the worker's operations -------------------------------------------------------------
+
+    def claim(self) -> Claim | None:
+        """Claims the lowest-numbered claimable run, or returns None when none is left."""
+        with self.locked():
+            state = self._read()
+            now = time.time()
+            self._sync_with_run_dirs(state)
+            self._expire_leases(state, now)
+            chosen = None
+            for index, run in enumerate(state["runs"]):
+                # A `failed` run becomes claimable again when a worker allows more attempts.
+                if run["status"] in (PENDING, FAILED) and run["attempts"] < self.max_attempts:
+                    chosen = index
+                    break
+            if chosen is not None:
+                run = state["runs"][chosen]
+                run.update(status=CLAIMED, owner=self.token, lease_until=now + self.lease_seconds,
+                           attempts=run["attempts"] + 1, claimed_at=now)
+            self._write(state)
+            self.last_progress = progress(state, now)
+            if chosen is None:
+                return None
+            return Claim(chosen, self.token, state["runs"][chosen]["attempts"])
+
+    def renew(self, claim: Claim) -> bool:
+        """Extends the lease; False when the claim is no longer ours (expired and re-taken, or done)."""
+        with self.locked():
+            state = self._read()
+            run = state["runs"][claim.run_index]
+            if run["status"] != CLAIMED or run["owner"] != claim.token:
+                return False
+            run["lease_until"] = time.time() + self.lease_seconds
+            self._write(state)
+            return True
+
+    def complete(self, claim: Claim, tmp_dir) -> bool:
+        """Renames the finished run into place and marks it done; False if another worker was first."""
+        with self.locked():
+            state = self._read()
+            committed = rundir.commit_run(tmp_dir, self.logdir, claim.run_index)
+            run = state["runs"][claim.run_index]
+            now = time.time()
+            if committed:
+                run.update(finished_at=now, finished_by=claim.token)
+            run.update(status=DONE, owner=None, lease_until=None)
+            self._sync_with_run_dirs(state)
+            self._write(state)
+            self.last_progress = progress(state, now)
+            return committed
+
+    def fail(self, claim: Claim, error: str) -> None:
+        """Records a failed attempt; the run is retried until it has had `max_attempts` claims."""
+        with self.locked():
+            state = self._read()
+            run = state["runs"][claim.run_index]
+            now = time.time()
+            _record_error(run, claim.token, error, now)
+            # Only the current owner moves the run on: if our lease expired and another worker
+            # re-took the run, its claim stands.
+            if run["status"] == CLAIMED and run["owner"] == claim.token:
+                run.update(status=FAILED if run["attempts"] >= self.max_attempts else PENDING,
+                           owner=None, lease_until=None)
+            self._write(state)
+            self.last_progress = progress(state, now)
+
+    def release(self, claim: Claim) -> None:
+        """Gives a claim back without counting the attempt (the worker was interrupted, not the run)."""
+        with self.locked():
+            state = self._read()
+            run = state["runs"][claim.run_index]
+            if run["status"] == CLAIMED and run["owner"] == claim.token:
+                run.update(status=PENDING, owner=None, lease_until=None, attempts=max(0, run["attempts"] - 1))
+                self._write(state)
+
+    def snapshot(self) -> dict:
+        """A consistent copy of the queue state (read under the lock)."""
+        with self.locked():
+            return self._read()
+
+    def progress(self) -> Progress:
+        with self.locked():
+            state = self._read()
+            self.last_progress = progress(state, time.time())
+            return self.last_progress
+
+
+def progress(state: dict, now: float) -> Progress:
+    """Counts of a queue state; a claim whose lease has expired counts as pending, not in progress."""
+    counts = {PENDING: 0, CLAIMED: 0, DONE: 0, FAILED: 0}
+    for run in state["runs"]:
+        status = run["status"]
+        if status == CLAIMED and run["lease_until"] < now:
+            status = PENDING
+        counts[status] += 1
+    return Progress(total=len(state["runs"]), done=counts[DONE], in_progress=counts[CLAIMED],
+                    failed=counts[FAILED], pending=counts[PENDING])
+
+
+def failed_runs(state: dict) -> dict:
+    """{run_index: last error} of the runs that used up their attempts."""
+    return {i: (run["errors"][-1]["error"] if run["errors"] else "")
+            for i, run in enumerate(state["runs"]) if run["status"] == FAILED}
+
+
+def _new_run() -> dict:
+    return {"status": PENDING, "attempts": 0, "owner": None, "lease_until": None, "errors": []}
+
+
+def _record_error(run: dict, worker: str, error: str, now: float) -> None:
+    run["errors"] = (run["errors"] + [{"attempt": run["attempts"], "worker": worker, "error": str(error)[:2000],
+                                        "time": now}])[-MAX_ERRORS_KEPT:]
+
+
+class Heartbeat:
+    """Renews a claim's lease from a background thread while the run trains.
+
+    Renews every lease/3 seconds, so two renewals can be missed (a slow shared filesystem) before
+    the lease expires. `lost` is set when the claim turned out to be no longer ours.
+    """
+
+    def __init__(self, queue: WorkQueue, claim: Claim, log=print):
+        self.queue, self.claim, self.log = queue, claim, log
+        self.interval = max(queue.lease_seconds / 3.0, 0.05)
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-run-{claim.run_index}", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def _beat(self):
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.queue.renew(self.claim):
+                    if not self.lost:
+                        self.log(f"warning: lost the lease on {rundir.run_dir_name(self.claim.run_index)} "
+                                 "(another worker took it); the first to finish keeps it")
+                    self.lost = True
+            except Exception as e:  # keep beating: one slow filesystem call must not lose the lease
+                self.log(f"warning: lease renewal failed ({type(e).__name__}: {e})")
+
+
+@dataclass
+class WorkSummary:
+    completed: list  # run indices this worker committed
+    failed_attempts: list  # (run index, error) of this worker's failed attempts
+    progress: Progress
+    failed_runs: dict  # run index -> last error, over the whole queue
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """Turns SIGTERM (SLURM preemption, `kill`) into SystemExit while the worker loop runs, so the
+    worker gives its claim back at once instead of leaving it to expire."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def failing_streak_limit(max_attempts: int) -> int:
+    """Different runs failing in a row after which a worker blames its environment and stops."""
+    return max(3, max_attempts + 1)
+
+
+def work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
+    """Claims and runs runs until none is claimable (see `_work_loop`); SIGTERM gives the claim back."""
+    with sigterm_as_exit():
+        return _work_loop(queue, do_run, log=log)
+
+
+def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
+    """Claims and runs runs until none is claimable.
+
+    `do_run(claim) -> tmp_dir` trains run `claim.run_index` (attempt `claim.attempt`) and writes it
+    with `rundir.write_run_tmp`; the loop renames it into place. Exceptions are recorded as failed
+    attempts and the loop goes on — unless `failing_streak_limit(max_attempts)` different runs fail
+    in a row, which points at the environment (disk full, broken device) rather than the runs: the
+    worker then stops with a MedleakError instead of using up every run's attempts. A `MedleakError`
+    (bad input: every run would fail the same way) and an interrupt give the claim back, without
+    counting the attempt, and are re-raised.
+    """
+    completed, failed_attempts = [], []
+    failing_streak = set()  # runs that failed since this worker's last success
+    for stale in rundir.remove_stale_tmp_dirs(queue.logdir):
+        log(f"removed {stale} left by a dead worker")
+    while True:
+        claim = queue.claim()
+        if claim is None:
+            break
+        name = rundir.run_dir_name(claim.run_index)
+        log(f"{name}: started (attempt {claim.attempt}/{queue.max_attempts}) by {claim.token}")
+        started = time.time()
+        try:
+            with Heartbeat(queue, claim, log=log):
+                tmp_dir = do_run(claim)
+            committed = queue.complete(claim, tmp_dir)
+        except (KeyboardInterrupt, SystemExit):
+            queue.release(claim)
+            log(f"{name}: interrupted; gave the claim back")
+            raise
+        except MedleakError:
+            queue.release(claim)  # the user's input is at fault, not this run
+            raise
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+            queue.fail(claim, error)
+            shutil.rmtree(rundir.tmp_run_dir(queue.logdir, claim.run_index), ignore_errors=True)
+            failed_attempts.append((claim.run_index, error))
+            log(f"{name}: attempt {claim.attempt} failed: {error}")
+            failing_streak.add(claim.run_index)
+            if len(failing_streak) >= failing_streak_limit(queue.max_attempts):
+                raise MedleakError(
+                    f"{len(failing_streak)} different runs failed in a row in this worker (last: {error}); "
+                    "stopping so the other runs keep their attempts. Fix the cause and re-run; runs whose "
+                    "attempts are used up are retried with a higher --max_attempts"
+                )
+        else:
+            failing_streak.clear()
+            if committed:
+                completed.append(claim.run_index)
+                log(f"{name}: done in {time.time() - started:.1f} s")
+            else:
+                log(f"{name}: another worker finished it first; discarded this copy")
+        log(queue.last_progress.line())
+    state = queue.snapshot()
+    summary = WorkSummary(completed, failed_attempts, progress(state, time.time()), failed_runs(state))
+    log(f"nothing left to claim · {summary.progress.line()}")
+    if summary.progress.in_progress:
+        log(f"{summary.progress.in_progress} run(s) are still being trained by other workers; "
+            "if one of them dies, re-run this command after its lease expires")
+    for index, error in sorted(summary.failed_runs.items()):
+        log(f"{rundir.run_dir_name(index)}: failed, attempts used up; last error: {error} "
+            "(re-run with a higher --max_attempts to retry it)")
+    return summary

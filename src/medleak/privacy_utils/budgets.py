@@ -1,0 +1,441 @@
+"""The audit across privacy budgets: several campaign logdirs of one dataset, each trained at its own
+ε (DP-SGD, or ordinary training = ε ∞), compared side by side. `compare_budgets` is what
+`mem_inf_stats.py --logdir=a,b,c` calls; everything else here is a pure function.
+
+Per logdir: its guarantee (from the runs' metrics.json "dp"; ∞ when absent), test utility, the
+record/patient risk of its single audit (record_risk.csv, patient_risk.csv) and
+
+- **the AUC bound its guarantee implies** (`medleak.dp.accounting`): runs differ slightly (each run
+  calibrates σ for its own number of units and sampling rate q), so the bound is the largest over
+  runs. Runs are sorted by (q, σ) and split into at most `MAX_BOUND_GROUPS` groups of neighbours;
+  a group's bound uses the profile of the untruncated mechanism with its (smallest σ, largest q,
+  most steps), which dominates each of its runs (more noise, a lower sampling rate or fewer steps
+  are post-processing of it), plus (1 + e^ε)·η on δ for η = steps × the per-step truncation
+  probability (the total-variation distance between truncated and untruncated sampling). So the
+  bound is never smaller than any run's own; with one run per group and no truncation it is
+  exactly the largest `auc_upper_bound_for_training(σ, q, steps)` over runs.
+- **patient-level bounds**: with patient-level DP the same bound applies to a patient. With
+  record-level DP a patient with k images is protected only through group privacy:
+  (kε, k·e^{(k−1)ε}·δ), so each patient is compared with the bound for their own k.
+- **an empirical ε lower bound** (Clopper–Pearson, `empirical_epsilon_lower_bound`, Bonferroni
+  over the candidate attacks) from the strongest LiRA/loss attack on the held-out target models.
+  Trials are privacy units, so that each has its own independent IN/OUT draw and the guarantee
+  applies to it: one trial per patient (its records' mean attack score), and for record-level DP
+  only patients with a single image (a record of a multi-image patient moves IN/OUT with the
+  patient's other images, a group the record-level guarantee covers only as kε). Units of one
+  target model still share that model's training randomness (a one-run audit), so the interval
+  is somewhat optimistic: a diagnostic beside the theoretical ε, not a proof.
+"""
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from medleak.campaign.rundir import METRICS_FILE, list_complete_runs, run_dir
+from medleak.errors import MedleakError
+from medleak.io_utils import read_json, write_csv, write_json
+from medleak.privacy_utils import figures, report
+from medleak.privacy_utils.audit import LIRA_VARIANTS, AuditOptions, audit_campaign, check_options
+from medleak.privacy_utils.load import load_campaign, read_plan_files
+from medleak.privacy_utils.roc import summarise_attack
+
+MAX_BOUND_GROUPS = 8  # each group's bound composes a PLD over all steps (seconds): bounded work per logdir
+INDEPENDENCE_NOTE = ("empirical epsilon: one trial per patient of each held-out target model (record-level DP: single-image "
+                     "patients only); trials of one model share its training randomness and are not independent, so the "
+                     "lower bound is optimistic (a diagnostic)")
+
+
+# --------------------------------------------------------------------- reading the logdirs
+
+
+def parse_logdirs(text):
+    """`a,b,c` → [Path]; an empty entry or a repeated logdir is a one-line error."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if any(not p for p in parts):
+        raise MedleakError(f"--logdir={text}: empty entry in the comma-separated list")
+    paths = [Path(p) for p in parts]
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise MedleakError(f"--logdir={text}: a logdir is listed twice")
+    return paths
+
+
+def logdir_labels(logdirs):
+    """Short unique names: the fewest trailing path parts that tell the logdirs apart, joined by '_'.
+
+    `logs/dp_eps1/chexpert, logs/dp_eps8/chexpert` → `dp_eps1_chexpert, dp_eps8_chexpert`.
+    """
+    parts = [Path(p).resolve().parts for p in logdirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["_".join(p[-depth:]).strip("/") for p in parts]
+        names = [re.sub(r"[^A-Za-z0-9._-]+", "_", n).strip("_") or "logdir" for n in names]
+        if len(set(names)) == len(names):
+            return names
+    return [f"logdir{i}" for i in range(len(logdirs))]
+
+
+def check_same_dataset(plans, logdirs):
+    """All logdirs must hold campaigns of one dataset (same name and, when recorded, the same records)."""
+    first = plans[0]
+    for plan, logdir in zip(plans[1:], logdirs[1:]):
+        for key in ("dataset", "dataset_hash", "test_dataset_hash", "label_names", "task"):
+            if key in first and key in plan and first[key] != plan[key]:
+                raise MedleakError(f"--logdir: {logdir} holds a different dataset than {logdirs[0]} (plan.json {key!r} differs); "
+                                   "compare campaigns of one dataset only")
+
+
+def read_run_metrics(logdir):
+    """[metrics dict] of every complete run of `logdir` (one-line error for an unreadable file)."""
+    out = []
+    for run in list_complete_runs(logdir):
+        path = run_dir(logdir, run) / METRICS_FILE
+        if not path.is_file():
+            continue
+        try:
+            out.append(read_json(path))
+        except (ValueError, OSError) as e:
+            raise MedleakError(f"{path}: unreadable ({str(e).splitlines()[0]}); delete the run directory and train it again") from None
+    if not out:
+        raise MedleakError(f"{Path(logdir) / 'runs'}: no complete runs with metrics.json; train the campaign first")
+    return out
+
+
+# --------------------------------------------------------------------- pure functions
+
+
+def guarantee(dp_dicts, source="logdir"):
+    """The campaign's guarantee from its runs' "dp" dicts (None = ordinary training).
+
+    Returns dict target_epsilon (inf without DP), epsilon (largest spent over runs), delta (largest),
+    unit ("none" without DP), sigma_min/sigma_max, q (largest), steps (most), truncation (largest
+    per-step truncation probability), n_runs, mechanisms (sorted distinct (q, σ, steps, truncation)). Mixed DP/non-DP runs or mixed targets/units are an error.
+    """
+    has_dp = [d is not None for d in dp_dicts]
+    if not dp_dicts:
+        raise MedleakError(f"{source}: no runs")
+    if any(has_dp) and not all(has_dp):
+        raise MedleakError(f"{source}: some runs were trained with DP and some without; one campaign must use one --epsilon")
+    if not any(has_dp):
+        return dict(target_epsilon=math.inf, epsilon=math.inf, delta=math.nan, unit="none", sigma_min=0.0, sigma_max=0.0,
+                    q=math.nan, steps=0, truncation=0.0, n_runs=len(dp_dicts), mechanisms=[])
+    for key in ("target_epsilon", "unit"):
+        values = {d.get(key) for d in dp_dicts}
+        if len(values) > 1:
+            raise MedleakError(f"{source}: runs disagree on dp {key} ({sorted(map(str, values))}); one campaign must use one setting")
+    try:
+        sigmas = [float(d["noise_multiplier"]) for d in dp_dicts]
+        mechanisms = sorted({(float(d["sampling_rate"]), float(d["noise_multiplier"]), int(d["steps"]),
+                              float(d.get("truncation_prob_per_step") or 0.0)) for d in dp_dicts})
+        return dict(target_epsilon=float(dp_dicts[0]["target_epsilon"]),
+                    epsilon=max(float(d["epsilon"]) for d in dp_dicts),
+                    delta=max(float(d["delta"]) for d in dp_dicts),
+                    unit=str(dp_dicts[0]["unit"]), sigma_min=min(sigmas), sigma_max=max(sigmas),
+                    q=max(float(d["sampling_rate"]) for d in dp_dicts), steps=max(int(d["steps"]) for d in dp_dicts),
+                    truncation=max(float(d.get("truncation_prob_per_step") or 0.0) for d in dp_dicts),
+                    n_runs=len(dp_dicts), mechanisms=mechanisms)
+    except (KeyError, TypeError, ValueError) as e:
+        raise MedleakError(f"{source}: a run's metrics.json 'dp' lacks or garbles {e}; re-train it with the current version") from None
+
+
+def auc_bound(facts, max_groups=MAX_BOUND_GROUPS, n_epsilons=400):
+    """Upper bound on any membership test's AUC against one unit, the largest over runs (module doc)."""
+    mechanisms = facts.get("mechanisms") or []
+    if not math.isfinite(facts["target_epsilon"]) or not mechanisms:
+        return dominating_auc_bound(facts, n_epsilons)
+    bounds = []
+    for group in np.array_split(np.array(mechanisms, dtype=np.float64), min(max_groups, len(mechanisms))):
+        bounds.append(dominating_auc_bound(dict(target_epsilon=facts["target_epsilon"], q=float(group[:, 0].max()),
+                                                sigma_min=float(group[:, 1].min()), steps=int(group[:, 2].max()),
+                                                truncation=float(group[:, 3].max())), n_epsilons))
+    return max(bounds)
+
+
+def dominating_auc_bound(facts, n_epsilons=400):
+    """AUC bound of the mechanism (facts' sigma_min, q, steps, truncation) that dominates a group of runs."""
+    from medleak.dp.accounting import auc_upper_bound, auc_upper_bound_for_training, privacy_profile, spent_epsilon
+
+    if not math.isfinite(facts["target_epsilon"]) or facts["sigma_min"] == 0:
+        return 1.0
+    sigma, q, steps = facts["sigma_min"], facts["q"], facts["steps"]
+    eta = steps * facts["truncation"]
+    if eta == 0:
+        return auc_upper_bound_for_training(sigma, q, steps, n_epsilons=n_epsilons)
+    eps_max = spent_epsilon(sigma, q, steps, 1e-12)
+    epsilons = np.linspace(0.0, max(eps_max, 1e-3), n_epsilons)
+    deltas = privacy_profile(sigma, q, steps, epsilons) + (1.0 + np.exp(epsilons)) * eta
+    return auc_upper_bound(epsilons, np.minimum(deltas, 1.0))
+
+
+def group_privacy(epsilon, delta, k):
+    """(ε, δ)-DP for one unit → (kε, k·e^{(k−1)ε}·δ) for a group of k units (δ capped at 1)."""
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"group size must be ≥ 1, got {k}")
+    with np.errstate(over="ignore"):
+        return k * epsilon, float(min(1.0, k * math.exp(min((k - 1) * epsilon, 700.0)) * delta))
+
+
+def patient_bounds(facts, record_bound, n_records_per_patient):
+    """AUC bound per patient: the unit bound at patient level; group privacy of k records at record level."""
+    from medleak.dp.accounting import auc_upper_bound
+
+    k = np.asarray(n_records_per_patient, dtype=np.int64)
+    if facts["unit"] != "record" or not math.isfinite(facts["epsilon"]):
+        return np.full(k.shape, record_bound, dtype=np.float64)
+    cache = {1: record_bound}
+    for size in np.unique(k):
+        if int(size) not in cache:
+            eps_k, delta_k = group_privacy(facts["epsilon"], facts["delta"], size)
+            cache[int(size)] = 1.0 if delta_k >= 1.0 else auc_upper_bound([eps_k], [delta_k])
+    return np.array([cache[int(s)] for s in k], dtype=np.float64)
+
+
+def mean_sd(values):
+    """(mean, sd) over the finite values (NaN, NaN when none)."""
+    values = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return (float(values.mean()), float(values.std())) if values.size else (math.nan, math.nan)
+
+
+def utility_summary(metrics):
+    """Mean ± sd over runs of test macro AUROC and accuracy from runs' metrics.json."""
+    tests = [m.get("test") or {} for m in metrics]
+    auroc, auroc_sd = mean_sd([t.get("macro_auroc") for t in tests])
+    accuracy, accuracy_sd = mean_sd([t.get("accuracy") for t in tests])
+    return dict(auroc_mean=auroc, auroc_sd=auroc_sd, accuracy_mean=accuracy, accuracy_sd=accuracy_sd)
+
+
+def subgroup_utility(metrics):
+    """DataFrame attribute, category, auroc_mean, auroc_sd, n_runs from runs' test subgroup metrics."""
+    values = {}
+    for m in metrics:
+        for attribute, groups in ((m.get("test") or {}).get("subgroups") or {}).items():
+            for category, group in (groups or {}).items():
+                values.setdefault((attribute, str(category)), []).append((group or {}).get("macro_auroc"))
+    rows = []
+    for (attribute, category), aurocs in sorted(values.items()):
+        mean, sd = mean_sd(aurocs)
+        rows.append(dict(attribute=attribute, category=category, auroc_mean=mean, auroc_sd=sd, n_runs=len(aurocs)))
+    return pd.DataFrame(rows, columns=["attribute", "category", "auroc_mean", "auroc_sd", "n_runs"])
+
+
+def strongest_attack_scores(attack_scores, target_masks, unit_index):
+    """(name, in_scores, out_scores, n_candidates) of the strongest LiRA variant or loss threshold, per unit.
+
+    attack_scores / target_masks: the single audit's held-out targets (`audit.AuditResult`);
+    strongest = highest mean AUC over targets (RMIA is left out: its scores are population ranks).
+    unit_index (n_records,) int gives each record's trial (a patient), −1 leaves the record out; a
+    trial's score is the mean over its records, its membership that of its records (all equal).
+    """
+    candidates = {name: attack_scores[name] for name, _ in LIRA_VARIANTS}
+    candidates["Loss threshold"] = attack_scores["Loss threshold"]
+    aucs = {name: summarise_attack(s, target_masks)[0]["auc"]["mean"] for name, s in candidates.items()}
+    best = max(aucs, key=aucs.get)
+    unit_scores, unit_members = unit_trials(np.asarray(candidates[best], dtype=np.float64), target_masks, unit_index)
+    return best, unit_scores[unit_members], unit_scores[~unit_members], len(candidates)
+
+
+def unit_trials(target_scores, target_masks, unit_index):
+    """Per target and unit: mean score over the unit's records (non-finite ones skipped), membership.
+
+    Returns flat (scores, members) over targets × units that have a finite score.
+    """
+    unit_index = np.asarray(unit_index, dtype=np.int64)
+    kept = unit_index >= 0
+    n_units = int(unit_index.max()) + 1 if kept.any() else 0
+    all_scores, all_members = [], []
+    for scores, members in zip(target_scores, target_masks):
+        ok = kept & np.isfinite(scores)
+        total = np.bincount(unit_index[ok], weights=scores[ok], minlength=n_units)
+        count = np.bincount(unit_index[ok], minlength=n_units)
+        member = np.bincount(unit_index[kept], weights=members[kept].astype(float), minlength=n_units) > 0
+        present = count > 0
+        all_scores.append(total[present] / count[present])
+        all_members.append(member[present])
+    if not all_scores:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    return np.concatenate(all_scores), np.concatenate(all_members)
+
+
+def trial_units(patient_ids, unit):
+    """Record → trial index: the patient; for record-level DP only single-image patients (others −1)."""
+    codes, uniques = pd.factorize(pd.Series(patient_ids).astype(str), sort=False)
+    if unit == "record":
+        sizes = np.bincount(codes, minlength=len(uniques))
+        codes = np.where(sizes[codes] == 1, codes, -1)
+    return codes
+
+
+def epsilon_axis(epsilons):
+    """x positions for ε on a log axis: ∞ sits one decade right of the largest finite ε."""
+    epsilons = np.asarray(epsilons, dtype=np.float64)
+    finite = epsilons[np.isfinite(epsilons)]
+    infinity = 10.0 * finite.max() if finite.size else 1.0
+    return np.where(np.isfinite(epsilons), epsilons, infinity)
+
+
+def budget_row(label, facts, utility, record_table, patient_table, bound, patient_bound, empirical, n_trials, attack):
+    """One row of budgets.csv (see `BUDGET_COLUMNS`)."""
+    auc, se = record_table["auc"].to_numpy(float), record_table["auc_se"].to_numpy(float)
+    patient_auc = patient_table["auc_max"].to_numpy(float)
+    return dict(
+        logdir=label, target_epsilon=facts["target_epsilon"], spent_epsilon=facts["epsilon"], delta=facts["delta"],
+        unit=facts["unit"], sigma_min=facts["sigma_min"], sigma_max=facts["sigma_max"], q=facts["q"], steps=facts["steps"],
+        n_runs=facts["n_runs"], test_auroc_mean=utility["auroc_mean"], test_auroc_sd=utility["auroc_sd"],
+        test_accuracy_mean=utility["accuracy_mean"], test_accuracy_sd=utility["accuracy_sd"],
+        auc_bound=bound, share_records_above_bound=float(np.mean(auc > bound)),
+        share_records_above_bound_2se=float(np.mean(auc - 2 * se > bound)),
+        share_patients_above_bound=float(np.mean(patient_auc > patient_bound)), max_record_auc=float(auc.max()),
+        max_patient_auc=float(patient_auc.max()), empirical_epsilon_lb=empirical, theoretical_epsilon=facts["epsilon"],
+        n_trials=n_trials, attack=attack, note=INDEPENDENCE_NOTE,
+    )
+
+
+# --------------------------------------------------------------------- orchestration
+
+
+@dataclasses.dataclass
+class _Budget:
+    logdir: Path
+    label: str
+    facts: dict
+    metrics: list
+
+
+def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
+    """Audits each logdir into <out_dir>/<label>/ and compares them in <out_dir>/ (budgets.csv, figures,
+    budgets.html). Returns a summary dict (also written as budgets.json). Checks every logdir first."""
+    from medleak.dp.accounting import empirical_epsilon_lower_bound
+
+    check_options(options)
+    logdirs = [Path(p) for p in logdirs]
+    if len(logdirs) < 2:
+        raise MedleakError("--logdir: the comparison across budgets needs at least 2 comma-separated logdirs")
+    plans = [read_plan_files(p)[0] for p in logdirs]  # one-line errors for a missing/bad logdir, before any work
+    check_same_dataset(plans, logdirs)
+    dataset = options.dataset or str(plans[0].get("dataset", logdirs[0].name))
+    out_dir = Path(options.out_dir) if options.out_dir else Path("figs") / f"{dataset}_dp"
+    budgets = []
+    for logdir, label in zip(logdirs, logdir_labels(logdirs)):
+        metrics = read_run_metrics(logdir)
+        budgets.append(_Budget(logdir, label, guarantee([m.get("dp") for m in metrics], source=str(logdir)), metrics))
+    budgets.sort(key=lambda b: (b.facts["target_epsilon"], b.label))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MedleakError(f"--out_dir={out_dir}: cannot create it ({e.strerror or e})") from None
+
+    rows, record_curves, patient_curves, subgroup_rows = [], [], [], []
+    for budget in tqdm(budgets, desc="budgets", unit="logdir", disable=not options.progress):
+        single_dir = out_dir / budget.label
+        campaign = load_campaign(budget.logdir, progress=options.progress)
+        audit = audit_campaign(campaign, dataclasses.replace(options, out_dir=single_dir, dataset=dataset))
+        record_table = pd.read_csv(single_dir / "record_risk.csv", dtype={"record_id": str, "patient_id": str}, keep_default_na=False)
+        patient_table = pd.read_csv(single_dir / "patient_risk.csv", dtype={"patient_id": str}, keep_default_na=False)
+        bound = auc_bound(budget.facts)
+        p_bounds = patient_bounds(budget.facts, bound, patient_table["n_records"].to_numpy())
+        units = trial_units(campaign.records["patient_id"].to_numpy(), budget.facts["unit"])
+        attack, in_scores, out_scores, n_candidates = strongest_attack_scores(audit.attack_scores, audit.target_masks, units)
+        del campaign, audit
+        delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else 1.0 / len(patient_table)
+        empirical = (empirical_epsilon_lower_bound(in_scores, out_scores, delta, significance=0.05 / n_candidates)
+                     if in_scores.size and out_scores.size else math.nan)
+        rows.append(budget_row(budget.label, budget.facts, utility_summary(budget.metrics), record_table, patient_table,
+                               bound, p_bounds, empirical, in_scores.size + out_scores.size, attack))
+        name = _epsilon_text(budget.facts["target_epsilon"])
+        finite = math.isfinite(budget.facts["target_epsilon"])
+        record_curves.append((f"ε = {name} ({budget.facts['unit']}-level)" if finite else "ε = ∞ (no DP)",
+                              record_table["auc"].to_numpy(float), bound if finite else None))
+        if finite and budget.facts["unit"] == "record":
+            p_line, p_text = float(p_bounds.max()), f"group privacy, {int(patient_table['n_records'].max())} images"
+        else:
+            p_line, p_text = (bound, "patient-level bound") if finite else (None, None)
+        patient_curves.append((record_curves[-1][0], patient_table["auc_max"].to_numpy(float), p_line, p_text))
+        groups = subgroup_utility(budget.metrics)
+        groups.insert(0, "target_epsilon", budget.facts["target_epsilon"])
+        groups.insert(0, "logdir", budget.label)
+        subgroup_rows.append(groups)
+
+    table = pd.DataFrame(rows)
+    write_csv(out_dir / "budgets.csv", table)
+    subgroup_table = pd.concat(subgroup_rows, ignore_index=True)
+    write_csv(out_dir / "budgets_utility_by_subgroup.csv", subgroup_table)
+    figs = {
+        "esf_records": figures.budget_esf_figure([(label, values, bound, "AUC bound") for label, values, bound in record_curves], out_dir,
+                                                 "budgets_esf_records", "Record-level risk per privacy budget", "records"),
+        "esf_patients": figures.budget_esf_figure(patient_curves, out_dir, "budgets_esf_patients",
+                                                  "Patient-level risk (worst image) per privacy budget", "patients"),
+        "utility": figures.utility_vs_epsilon_figure(table, out_dir, "budgets_utility"),
+    }
+    for attribute in subgroup_table["attribute"].unique():
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", str(attribute)).strip("_")
+        figs[f"subgroup_{slug}"] = figures.subgroup_utility_vs_epsilon_figure(
+            subgroup_table[subgroup_table["attribute"] == attribute], out_dir, f"budgets_utility_{slug}", attribute)
+    summary = {"dataset": dataset, "logdirs": [str(b.logdir) for b in budgets], "labels": [b.label for b in budgets],
+               "budgets": table.drop(columns=["note"]).to_dict(orient="records"), "note": INDEPENDENCE_NOTE}
+    write_json(out_dir / "budgets.json", summary)
+    summary["report"] = str(_write_budget_report(out_dir, dataset, table, subgroup_table, figs))
+    return summary
+
+
+def _epsilon_text(epsilon):
+    return "∞" if not math.isfinite(epsilon) else f"{epsilon:g}"
+
+
+def _write_budget_report(out_dir, dataset, table, subgroup_table, figs):
+    shown = pd.DataFrame({
+        "ε target": [_epsilon_text(e) for e in table["target_epsilon"]], "ε spent": table["spent_epsilon"],
+        "δ": [f"{d:.2g}" for d in table["delta"]], "unit": table["unit"], "σ": table["sigma_min"],
+        "test AUROC": [f"{m:.3f} ± {s:.3f}" for m, s in zip(table["test_auroc_mean"], table["test_auroc_sd"])],
+        "AUC bound": table["auc_bound"], "records > bound": table["share_records_above_bound"],
+        "patients > bound": table["share_patients_above_bound"], "max record AUC": table["max_record_auc"],
+        "empirical ε ≥": table["empirical_epsilon_lb"], "attack": table["attack"],
+    })
+    record_level = (table["unit"] == "record").any()
+    headline = [
+        ("Budgets compared", str(len(table)), ", ".join(_epsilon_text(e) for e in table["target_epsilon"])),
+        ("Strictest budget", f"ε = {_epsilon_text(table['target_epsilon'].iloc[0])}",
+         f"test AUROC {table['test_auroc_mean'].iloc[0]:.3f}; max record AUC {table['max_record_auc'].iloc[0]:.3f}"),
+        ("Reference (largest ε)", f"ε = {_epsilon_text(table['target_epsilon'].iloc[-1])}",
+         f"test AUROC {table['test_auroc_mean'].iloc[-1]:.3f}; max record AUC {table['max_record_auc'].iloc[-1]:.3f}"),
+    ]
+    unit_text = ("<p><b>Which unit is protected.</b> Record-level DP protects one image. A patient with k images "
+                 "is then protected only through group privacy, roughly (kε, k·e<sup>(k−1)ε</sup>·δ), which is much "
+                 "weaker; the dashed lines of the patient-level figure for record-level campaigns are those group "
+                 "bounds. The patient-level risk of this audit (patients are IN or OUT as a whole) should be compared "
+                 "with a <i>patient-level</i> guarantee (<code>--dp_unit=patient</code>). Strictly, the same holds for a "
+                 "record of a multi-image patient: its IN/OUT models differ by all of the patient's images, so the "
+                 "single-image bound describes the guarantee, not a hard limit for that record's AUC in this audit.</p>")
+    sections = [
+        ("Privacy budgets", report.table_html(shown) + unit_text + (
+            "<p>The AUC bound is what the guarantee implies for any membership test on one unit (from the trained "
+            "models' privacy profile, for the weakest run). Records whose estimated AUC exceeds it by more than two "
+            "standard errors would contradict the guarantee; a few above it are expected from estimation noise. "
+            "<b>Empirical ε.</b> A Clopper–Pearson lower bound (95 %, Bonferroni over thresholds and attacks) from the "
+            "strongest LiRA or loss-threshold attack "
+            f"on held-out models (RMIA is not re-run here); {INDEPENDENCE_NOTE}.</p>")),
+        ("Risk per budget", "".join((
+            report.figure_html(figs["esf_records"], "Record-level risk per ε, with each guarantee's AUC bound",
+                               "Each curve is the share of images whose attack AUC exceeds x (log scale, 95 % band). "
+                               "The vertical line of the same colour is the largest AUC the guarantee allows: the curve "
+                               "should drop to zero left of it."),
+            report.figure_html(figs["esf_patients"], "Patient-level risk per ε, with patient-level bounds",
+                               "Share of patients whose worst image has attack AUC above x. For record-level DP the "
+                               "line is the group-privacy bound of the patient with the most images."),
+        ))),
+        ("Utility against ε", "".join(
+            [report.figure_html(figs["utility"], "Test utility against ε",
+                                "Mean ± sd over the shadow models of test macro AUROC and accuracy; ∞ is ordinary training.")]
+            + [report.figure_html(path, f"Utility per subgroup against ε ({key[len('subgroup_'):]})",
+                                  "Test macro AUROC per subgroup value: DP often costs small groups more.")
+               for key, path in figs.items() if key.startswith("subgroup_")]
+            + [report.table_html(subgroup_table)])),
+    ]
+    notes = ["Record-level guarantees on patients with several images: see 'Which unit is protected'."] if record_level else []
+    return report.write_report(out_dir / "budgets.html", dataset=f"{dataset}: privacy budgets", headline=headline,
+                               sections=sections, notes=notes)

@@ -1,0 +1,141 @@
+"""Image classifiers (flax.linen) and the registry that builds them by name.
+
+- `small_cnn`: three conv stages (32/64/128 channels, ~93k parameters), fast enough on a CPU for
+  the demo and the tests.
+- `wrn_<depth>_<width>`: pre-activation wide ResNet (Zagoruyko & Komodakis) as in the LiRA code
+  the paper builds on: a 3x3 stem with 16 channels, then three stages of (depth - 4) / 6 blocks with
+  16k, 32k and 64k channels (k = width; strides 1, 2, 2), LeakyReLU(0.1), global average pooling.
+  `wrn_28_2` has ~1.47M parameters.
+
+Every model takes float images (B, H, W, C) of any size and channel count and returns logits
+(B, num_classes) in float32. Normalisation is GroupNorm(16) by default, which works with per-example
+gradients (DP-SGD); `norm="batch"` selects BatchNorm, whose running statistics live in the
+`batch_stats` collection (call with `mutable=["batch_stats"]` when `train=True`).
+`dtype` is the compute dtype (e.g. bfloat16); parameters are always created in float32.
+"""
+
+import functools
+import re
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from medleak.errors import MedleakError
+
+NORMS = ("group", "batch")
+GROUPS = 16  # GroupNorm groups: every channel count used here is a multiple of 16
+LEAKY_SLOPE = 0.1
+
+# He-normal over fan-out, as in the WRN/LiRA code: keeps activations' scale through deep stacks.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dense_init = nn.initializers.glorot_normal()
+
+
+def leaky_relu(x):
+    return nn.leaky_relu(x, negative_slope=LEAKY_SLOPE)
+
+
+class Norm(nn.Module):
+    """GroupNorm(16) or BatchNorm, chosen by name so one model definition serves both."""
+
+    kind: str = "group"
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.kind == "group":
+            return nn.GroupNorm(num_groups=min(GROUPS, x.shape[-1]), epsilon=1e-5, dtype=self.dtype)(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
+
+
+class SmallCNN(nn.Module):
+    """Conv(32)-pool-Conv(64)-pool-Conv(128)-global pool-Dense, each conv followed by norm + LeakyReLU."""
+
+    num_classes: int
+    widths: tuple = (32, 64, 128)
+    norm: str = "group"
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.astype(self.dtype)
+        for i, width in enumerate(self.widths):
+            if i > 0:
+                x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = nn.Conv(width, (3, 3), use_bias=False, kernel_init=conv_init, dtype=self.dtype)(x)
+            x = leaky_relu(Norm(self.norm, self.dtype)(x, train))
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block: norm-act-conv-norm-act-conv, 1x1 conv shortcut on shape change."""
+
+    width: int
+    stride: int
+    norm: str
+    dtype: object
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+        activated = leaky_relu(Norm(self.norm, self.dtype)(x, train))
+        if self.stride != 1 or x.shape[-1] != self.width:
+            # The shortcut sees the activated input, as in the pre-activation ResNet paper.
+            shortcut = conv(self.width, (1, 1), strides=self.stride)(activated)
+        else:
+            shortcut = x
+        y = conv(self.width, (3, 3), strides=self.stride)(activated)
+        y = leaky_relu(Norm(self.norm, self.dtype)(y, train))
+        y = conv(self.width, (3, 3))(y)
+        return shortcut + y
+
+
+class WideResNet(nn.Module):
+    """Pre-activation WRN-depth-width (widths 16k/32k/64k), LeakyReLU(0.1)."""
+
+    num_classes: int
+    depth: int = 28
+    width: int = 2
+    norm: str = "group"
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        blocks_per_stage = (self.depth - 4) // 6
+        x = x.astype(self.dtype)
+        x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=conv_init, dtype=self.dtype)(x)
+        for stage, base in enumerate((16, 32, 64)):
+            for block in range(blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                x = PreActBlock(base * self.width, stride, self.norm, self.dtype)(x, train)
+        x = leaky_relu(Norm(self.norm, self.dtype)(x, train))
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+_WRN_NAME = re.compile(r"wrn_(\d+)_(\d+)")
+
+
+def create_model(name: str, num_classes: int, norm: str = "group", dtype=jnp.float32) -> nn.Module:
+    """Builds a model by registry name: `small_cnn` or `wrn_<depth>_<width>` (depth = 6n + 4)."""
+    if norm not in NORMS:
+        raise MedleakError(f"--norm={norm!r} is not supported: use one of {', '.join(NORMS)}")
+    if num_classes < 1:
+        raise MedleakError(f"a model needs at least one output class, got num_classes={num_classes}")
+    if name == "small_cnn":
+        return SmallCNN(num_classes=num_classes, norm=norm, dtype=dtype)
+    match = _WRN_NAME.fullmatch(name)
+    if match:
+        depth, width = int(match.group(1)), int(match.group(2))
+        if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
+            raise MedleakError(
+                f"--model={name!r}: WRN depth must be 6n+4 with n >= 1 (e.g. 10, 16, 22, 28) and width >= 1"
+            )
+        return WideResNet(num_classes=num_classes, depth=depth, width=width, norm=norm, dtype=dtype)
+    raise MedleakError(f"unknown --model={name!r}: use small_cnn or wrn_<depth>_<width> such as wrn_28_2")
+
+
+def model_names() -> tuple:
+    """Examples of valid model names (the WRN family accepts any valid depth/width)."""
+    return ("small_cnn", "wrn_16_4", "wrn_28_2", "wrn_28_10")
