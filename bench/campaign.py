@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medleak.campaign import rundir  # noqa: E402
+from medleak import rundir  # noqa: E402
 from medleak.data_utils import datasets, image_cache, synthetic  # noqa: E402
 
 

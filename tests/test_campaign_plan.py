@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medleak import rundir
 from medleak.campaign import plan
 from medleak.config import TrainConfig
 from medleak.data_utils.records import RecordsTable
@@ -120,6 +121,6 @@ def test_mismatched_config_or_dataset_is_refused_naming_the_keys(tmp_path):
 
 
 def test_unreadable_plan_json_is_a_one_line_error(tmp_path):
-    (tmp_path / plan.PLAN_FILE).write_text('{"format": 1, "dataset": ')  # cut short (a hand edit, a full disk)
+    (tmp_path / rundir.PLAN_FILE).write_text('{"format": 1, "dataset": ')  # cut short (a hand edit, a full disk)
     with pytest.raises(MedleakError, match="plan.json: unreadable"):
-        plan.read_plan(tmp_path)
+        rundir.read_plan(tmp_path)

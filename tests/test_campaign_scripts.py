@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medleak.campaign import plan, rundir
+from medleak import rundir
+from medleak.campaign import plan
 from tests import layouts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,11 +38,11 @@ def run_script(dataset, *flags, timeout=300):
 
 def check_campaign(logdir, dataset, n_runs):
     """The logdir holds a complete, consistent campaign of `n_runs` runs."""
-    stored = plan.read_plan(logdir)
+    stored = rundir.read_plan(logdir)
     assert stored["dataset"] == dataset and stored["campaign"]["n_runs"] == n_runs
     records = pd.read_csv(logdir / "records.csv")
     patients = pd.read_csv(logdir / "patients.csv")["patient_id"].astype(str).tolist()
-    patient_mask = plan.load_patient_mask(logdir)
+    patient_mask = rundir.load_patient_mask(logdir)
     assert patient_mask.shape == (n_runs, len(patients)) == (n_runs, stored["n_patients"])
     _, patient_index = plan.patient_index(records["patient_id"].astype(str))
     assert rundir.list_complete_runs(logdir) == list(range(n_runs))
@@ -72,7 +73,7 @@ def test_fitzpatrick_script_trains_eight_runs_then_does_nothing_refuses_other_co
     stored = check_campaign(logdir, "fitzpatrick", 8)
     assert stored["train_config"]["model"] == "small_cnn" and stored["train_config"]["img_size"] == [16, 16]
     assert stored["train_config"]["learning_rate"] == 5e-3  # the dataset's default (SPEC.md)
-    assert (plan.load_patient_mask(logdir).sum(axis=0) == 4).all()
+    assert (rundir.load_patient_mask(logdir).sum(axis=0) == 4).all()
 
     mtimes = [rundir.run_dir(logdir, i).stat().st_mtime_ns for i in range(8)]
     again = run_script("fitzpatrick", *common, "--n_runs=8", *TINY)

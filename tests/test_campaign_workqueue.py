@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medleak.campaign import plan, rundir
+from medleak import rundir
+from medleak.campaign import plan
 from medleak.campaign.workqueue import Progress, WorkQueue
 from medleak.config import TrainConfig
 from medleak.data_utils.records import RecordsTable
@@ -175,7 +176,7 @@ def test_three_workers_finish_nine_runs_exactly_once_and_a_rerun_does_nothing(tm
 
     logdir = tmp_path / "logdir"
     assert_no_partial_runs(logdir, 9)
-    patient_mask = plan.load_patient_mask(logdir)
+    patient_mask = rundir.load_patient_mask(logdir)
     _, patient_index = plan.patient_index(pd.read_csv(logdir / "records.csv")["patient_id"])
     for i in range(9):
         run = rundir.read_run(logdir, i)
@@ -304,9 +305,9 @@ def test_workers_racing_to_create_the_plan_produce_one_plan(tmp_path):
     creators = [e["pid"] for e in plans if e["created"]]
     assert len(creators) == 1
     assert all(e["mask"] == plans[0]["mask"] for e in plans)
-    stored = plan.read_plan(tmp_path / "logdir")
+    stored = rundir.read_plan(tmp_path / "logdir")
     assert stored["created_by"].endswith(f":{creators[0]}")
-    np.testing.assert_array_equal(plan.load_patient_mask(tmp_path / "logdir"), np.array(plans[0]["mask"], bool))
+    np.testing.assert_array_equal(rundir.load_patient_mask(tmp_path / "logdir"), np.array(plans[0]["mask"], bool))
 
 
 # -- in-process checks of the queue's rules ----------------------------------------------------

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medleak.campaign import plan, rundir
+from medleak import rundir
+from medleak.campaign import plan
 from medleak.campaign.workqueue import WorkQueue, work_loop
 from medleak.errors import MedleakError
 

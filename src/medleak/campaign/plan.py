@@ -19,14 +19,11 @@ import numpy as np
 import pandas as pd
 
 from medleak.errors import MedleakError
-from medleak.io_utils import load_npy, read_json, save_npy, write_csv, write_json
+from medleak.io_utils import save_npy, write_csv, write_json
+from medleak.rundir import (MASK_FILE, PATIENTS_FILE, PLAN_FILE, RECORDS_FILE, TEST_RECORDS_FILE,
+                            load_patient_mask, read_plan)
 
 PLAN_FORMAT = 1
-PLAN_FILE = "plan.json"
-MASK_FILE = "patient_mask.npy"
-PATIENTS_FILE = "patients.csv"
-RECORDS_FILE = "records.csv"
-TEST_RECORDS_FILE = "test_records.csv"
 
 
 def runs_in_per_patient(n_runs: int, subset_ratio: float) -> int:
@@ -148,17 +145,6 @@ def _lookup(doc: dict, dotted: str):
     return value
 
 
-def read_plan(logdir) -> dict | None:
-    """plan.json of a logdir, or None when no plan has been written yet."""
-    path = Path(logdir) / PLAN_FILE
-    if not path.is_file():
-        return None
-    try:
-        return read_json(path)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MedleakError(f"{path}: unreadable ({e}); restore it or start a new --logdir") from None
-
-
 def write_plan(logdir, document: dict, patient_mask: np.ndarray, patient_ids, train_table,
                test_table) -> None:
     """Writes the plan files; plan.json last, so its presence means the plan is complete.
@@ -192,11 +178,3 @@ def ensure_plan(logdir, document: dict, train_table, test_table) -> tuple[dict, 
     mask = make_patient_mask(campaign["n_runs"], len(patient_ids), campaign["subset_ratio"], campaign["seed"])
     write_plan(logdir, document, mask, patient_ids, train_table, test_table)
     return read_plan(logdir), mask, True
-
-
-def load_patient_mask(logdir) -> np.ndarray:
-    """patient_mask.npy of a logdir: bool (n_runs, n_patients)."""
-    path = Path(logdir) / MASK_FILE
-    if not path.is_file():
-        raise MedleakError(f"{path}: missing; the logdir's plan is incomplete (delete plan.json to recreate it)")
-    return load_npy(path)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import filelock
 
-from medleak.campaign import rundir
+from medleak import rundir
 from medleak.errors import MedleakError
 from medleak.io_utils import read_json, write_json
 

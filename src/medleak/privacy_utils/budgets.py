@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from medleak.campaign.rundir import METRICS_FILE, list_complete_runs, run_dir
+from medleak.rundir import METRICS_FILE, list_complete_runs, run_dir
 from medleak.errors import MedleakError
 from medleak.io_utils import read_json, write_csv, write_json
 from medleak.privacy_utils import figures, report

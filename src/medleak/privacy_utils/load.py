@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from medleak.campaign.plan import read_plan
-from medleak.campaign.rundir import RUN_FILES, list_complete_runs, run_dir
+from medleak.rundir import read_plan
+from medleak.rundir import RUN_FILES, list_complete_runs, run_dir
 from medleak.data_utils.records import read_csv, require_columns
 from medleak.errors import MedleakError
 from medleak.io_utils import load_npy

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medleak.campaign import plan as plan_files
-from medleak.campaign import rundir
+from medleak import rundir
 from medleak.errors import MedleakError
 
 FORMAT = "torchxrayvision-1"

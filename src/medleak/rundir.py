@@ -1,4 +1,7 @@
-"""The run directory of one shadow model (format documented in docs/RUNDIR.md).
+"""The layout of a campaign logdir (documented in docs/RUNDIR.md): its plan files and run directories.
+
+Every stage that reads or writes a logdir (campaign, audit, xrv, tests) names its files through this
+module, which imports nothing above `io_utils`.
 
 A run is written into `runs/.tmp-<run>-<host>-<pid>` and renamed to `runs/run_NNNN` only when every
 file is there, so later stages (and users' own tools) never see a partial run: a directory named
@@ -19,6 +22,11 @@ import numpy as np
 from medleak.errors import MedleakError
 from medleak.io_utils import load_npy, read_json, save_npy, write_json
 
+PLAN_FILE = "plan.json"
+MASK_FILE = "patient_mask.npy"
+PATIENTS_FILE = "patients.csv"
+RECORDS_FILE = "records.csv"
+TEST_RECORDS_FILE = "test_records.csv"
 RUNS_DIR = "runs"
 ARRAY_FILES = ("train_logits.npy", "train_labels.npy", "record_mask.npy", "test_logits.npy", "test_labels.npy")
 METRICS_FILE = "metrics.json"
@@ -26,6 +34,25 @@ RUN_FILES = ARRAY_FILES + (METRICS_FILE,)
 _RUN_NAME = re.compile(r"^run_(\d{4,})$")
 _TMP_NAME = re.compile(r"^\.tmp-(\d+)-(.+)-(\d+)$")
 _VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "dp-accounting", "jax-privacy")
+
+
+def read_plan(logdir) -> dict | None:
+    """plan.json of a logdir, or None when no plan has been written yet."""
+    path = Path(logdir) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MedleakError(f"{path}: unreadable ({e}); restore it or start a new --logdir") from None
+
+
+def load_patient_mask(logdir) -> np.ndarray:
+    """patient_mask.npy of a logdir: bool (n_runs, n_patients)."""
+    path = Path(logdir) / MASK_FILE
+    if not path.is_file():
+        raise MedleakError(f"{path}: missing; the logdir's plan is incomplete (delete plan.json to recreate it)")
+    return load_npy(path)
 
 
 def run_dir_name(run_index: int) -> str:
