@@ -10,6 +10,7 @@ import numpy as np
 from sklearn import metrics
 
 from medleak.errors import MedleakError
+from medleak.train_utils.metrics import auroc
 
 FPR_LEVELS = (0.001, 0.01)
 FPR_GRID = np.unique(np.concatenate([np.logspace(-5, 0, 201), np.linspace(0, 1, 101)]))
@@ -28,12 +29,11 @@ def roc_curve(scores, members):
 
 
 def auc_score(scores, members):
-    """Area under the ROC curve (ties count one half)."""
-    scores = np.asarray(scores, dtype=np.float64)
+    """Area under the ROC curve (ties count one half; `medleak.train_utils.metrics.auroc`)."""
     members = np.asarray(members, dtype=bool)
     if members.all() or not members.any():
         raise MedleakError("an AUC needs both member and non-member records")
-    return float(metrics.roc_auc_score(members, scores))
+    return auroc(scores, members)
 
 
 def tpr_at_fpr(fpr, tpr, level):

@@ -29,9 +29,9 @@ inside). Scores are clipped to ±`MAX_SCORE` where p rounds to exactly 0 or 1 in
 import numpy as np
 from scipy import special
 
+from medleak.data_utils.records import TASKS
 from medleak.errors import MedleakError
 
-TASKS = ("multiclass", "multilabel")
 # |log-odds| beyond which float64 probabilities are exactly 0 or 1; keeps scores finite.
 MAX_SCORE = 700.0
 

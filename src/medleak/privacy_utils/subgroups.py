@@ -15,7 +15,9 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import special, stats
+from scipy import stats
+
+from medleak.train_utils.metrics import label_scores, macro_auroc
 
 TOP_SHARE = 0.01
 
@@ -86,26 +88,6 @@ def composition(attributes, risk, top_share=TOP_SHARE):
     return pd.DataFrame(rows), tests
 
 
-def _macro_auroc(labels, scores, task):
-    """Macro AUROC over the labels that have both classes present (NaN if none).
-
-    Vectorised over labels with the rank-sum (Mann–Whitney) form, ties counted one half, which
-    equals sklearn's roc_auc_score per label.
-    """
-    positive = labels > 0  # one-vs-rest for multi-class
-    if task == "multiclass":
-        scores = special.softmax(scores.astype(np.float64), axis=1)  # a logit alone does not rank classes
-    n_pos = positive.sum(axis=0)
-    n_neg = len(positive) - n_pos
-    usable = (n_pos > 0) & (n_neg > 0)
-    if not usable.any():
-        return float("nan")
-    ranks = stats.rankdata(scores[:, usable], axis=0)
-    rank_sum = (ranks * positive[:, usable]).sum(axis=0)
-    n_pos, n_neg = n_pos[usable], n_neg[usable]
-    return float(np.mean((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
-
-
 def utility_by_subgroup(test_logits, test_labels, test_records, subgroups, task):
     """Test AUROC per subgroup value and run, summarised as mean ± sd over runs.
 
@@ -119,7 +101,7 @@ def utility_by_subgroup(test_logits, test_labels, test_records, subgroups, task)
             groups.append((column, category, values == category))
     rows = []
     for attribute, category, selected in groups:
-        per_run = [_macro_auroc(test_labels[selected], logits[selected], task) for logits in test_logits]
+        per_run = [macro_auroc(label_scores(logits[selected], task), test_labels[selected] > 0) for logits in test_logits]
         per_run = np.array(per_run, dtype=np.float64)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -1,41 +1,64 @@
 """Model utility metrics on host arrays: accuracy, AUROC per label, macro AUROC, per subgroup.
 
-All functions take float logits (n, C) and float 0/1 labels (n, C) (one-hot for multi-class).
-Undefined values (a label with a single class present, an empty subgroup) are `None` in the
-returned dicts so they serialise to JSON `null`.
+The one AUROC implementation of medleak (`auroc_per_column`; `auroc`, `macro_auroc` build on it):
+the audit (`privacy_utils`) and the TorchXRayVision scripts use it too, so this module stays
+numpy/scipy only (no jax).
+
+`classification_metrics` takes float logits (n, C) and float 0/1 labels (n, C) (one-hot for
+multi-class). Undefined values (a label with a single class present, an empty subgroup) are `None`
+in the returned dicts so they serialise to JSON `null`.
 """
 
 import numpy as np
 import scipy.special
 import scipy.stats
 
+from medleak.data_utils.records import TASKS
 from medleak.errors import MedleakError
 
-TASKS = ("multiclass", "multilabel")
 
+def auroc_per_column(scores, positives) -> np.ndarray:
+    """(C,) AUROC of each column of `scores` (n, C) against 0/1 `positives` (n, C), ties one half;
+    NaN for a column with a single class present.
 
-def auroc(scores, positives) -> float:
-    """Area under the ROC curve (ties count one half); NaN when only one class is present.
-
-    Computed as the Mann-Whitney U statistic from average ranks.
+    The Mann–Whitney U statistic from average ranks, vectorised over columns.
     """
     scores = np.asarray(scores, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
-    n_pos = int(positives.sum())
-    n_neg = positives.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = scipy.stats.rankdata(scores)
-    u_statistic = ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u_statistic / (n_pos * n_neg))
+    if scores.shape != positives.shape or scores.ndim != 2:
+        raise MedleakError(f"scores {scores.shape} and positives {positives.shape} must both be (n, n_columns)")
+    n_pos = positives.sum(axis=0)
+    n_neg = len(positives) - n_pos
+    out = np.full(scores.shape[1], np.nan)
+    usable = (n_pos > 0) & (n_neg > 0)
+    if usable.any():
+        ranks = scipy.stats.rankdata(scores[:, usable], axis=0)
+        rank_sum = (ranks * positives[:, usable]).sum(axis=0)
+        n_pos, n_neg = n_pos[usable], n_neg[usable]
+        out[usable] = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return out
+
+
+def auroc(scores, positives) -> float:
+    """Area under the ROC curve of 1-D `scores` (ties count one half); NaN when only one class is present."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
+    return float(auroc_per_column(scores, np.asarray(positives, dtype=bool).reshape(-1, 1))[0])
+
+
+def macro_auroc(scores, positives) -> float:
+    """Mean AUROC over the columns that have both classes present (NaN if none)."""
+    per_column = auroc_per_column(scores, positives)
+    defined = per_column[np.isfinite(per_column)]
+    return float(defined.mean()) if defined.size else float("nan")
 
 
 def label_scores(logits, task: str) -> np.ndarray:
-    """Per-label scores for AUROC: softmax probabilities (multi-class) or sigmoid (multi-label)."""
+    """Per-label scores for AUROC: softmax probabilities (multi-class: a logit alone does not rank
+    classes) or the logits themselves (multi-label: the sigmoid ranks the same and would saturate)."""
     logits = np.asarray(logits, dtype=np.float64)
     if task == "multiclass":
         return scipy.special.softmax(logits, axis=1)
-    return scipy.special.expit(logits)
+    return logits
 
 
 def accuracy(logits, labels, task: str) -> float:
@@ -51,9 +74,7 @@ def accuracy(logits, labels, task: str) -> float:
 
 def per_label_auroc(logits, labels, task: str) -> np.ndarray:
     """(C,) AUROC of each label against the rest (NaN where a label has a single class present)."""
-    scores = label_scores(logits, task)
-    labels = np.asarray(labels) > 0.5
-    return np.array([auroc(scores[:, c], labels[:, c]) for c in range(labels.shape[1])])
+    return auroc_per_column(label_scores(logits, task), np.asarray(labels) > 0.5)
 
 
 def _none_if_nan(value: float):

@@ -52,11 +52,11 @@ import optax
 from tqdm.auto import tqdm
 
 from medleak.config import TrainConfig
+from medleak.data_utils.records import TASKS
 from medleak.errors import MedleakError
 from medleak.train_utils import augment, inference, metrics, optim
 from medleak.train_utils.models import create_model
 
-TASKS = ("multiclass", "multilabel")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Stream ids that separate the PRNG uses derived from one run seed.
 _INIT_STREAM, _STEP_STREAM = 0, 1

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from absl import logging
-from sklearn import metrics
 
 from medleak.data_utils.datasets import load_dataset
 from medleak.errors import MedleakError
 from medleak.io_utils import sha256_file
+from medleak.train_utils import metrics
 from medleak.xrv import inference, models, split
 from medleak.xrv import logdir as logdir_format
 from medleak.xrv.preprocess import INPUT_SIZE
@@ -74,9 +74,8 @@ def models_for(dataset: str, config: ScoreConfig) -> list:
 
 def macro_auroc(logits, labels) -> float:
     """Mean AUROC over labels with both classes present (None if none): a sanity check of the model."""
-    aucs = [metrics.roc_auc_score(labels[:, c], logits[:, c]) for c in range(labels.shape[1])
-            if 0 < labels[:, c].sum() < len(labels)]
-    return float(np.mean(aucs)) if aucs else None
+    value = metrics.macro_auroc(logits, np.asarray(labels) > 0)
+    return value if np.isfinite(value) else None
 
 
 def run_dataset(dataset: str, data_root, loader_options: dict, logdir, config: ScoreConfig) -> Path:
