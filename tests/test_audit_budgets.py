@@ -113,6 +113,7 @@ def compared(tmp_path_factory):
     return out_dir, table.set_index("logdir"), result.stdout
 
 
+@pytest.mark.slow
 def test_each_epsilon_is_picked_up_in_order_with_its_facts(compared):
     _, table, stdout = compared
     assert list(table.index) == ["dp_eps1_synthetic", "dp_eps4_synthetic", "dp_epsinf_synthetic"]
@@ -131,6 +132,7 @@ def test_each_epsilon_is_picked_up_in_order_with_its_facts(compared):
     assert "dp_eps1_synthetic: epsilon 1 (record)" in stdout
 
 
+@pytest.mark.slow
 def test_budgets_csv_columns(compared):
     _, table, _ = compared
     assert list(table.reset_index().columns) == [
@@ -143,6 +145,7 @@ def test_budgets_csv_columns(compared):
     assert table["n_trials"].tolist() == [320, 320, 480]
 
 
+@pytest.mark.slow
 def test_bound_lines_equal_the_bound_of_the_weakest_run(compared):
     _, table, _ = compared
     eps1 = max(auc_upper_bound_for_training(s, 1.0, 1) for s in set(SIGMAS_EPS1))
@@ -154,6 +157,7 @@ def test_bound_lines_equal_the_bound_of_the_weakest_run(compared):
     assert table.loc["dp_eps1_synthetic", "auc_bound"] < math.exp(1.1) / (1 + math.exp(1.1))
 
 
+@pytest.mark.slow
 def test_risk_respects_the_guarantee_and_the_empirical_epsilon_never_exceeds_it(compared):
     _, table, _ = compared
     for name in ("dp_eps1_synthetic", "dp_eps4_synthetic"):
@@ -169,6 +173,7 @@ def test_risk_respects_the_guarantee_and_the_empirical_epsilon_never_exceeds_it(
     assert leaky["max_record_auc"] > table.loc["dp_eps1_synthetic", "auc_bound"]
 
 
+@pytest.mark.slow
 def test_single_audits_figures_and_report(compared):
     out_dir, table, _ = compared
     for name in table.index:

@@ -150,6 +150,7 @@ def test_report_opens_in_headless_chromium(audited, tmp_path):
     assert pixels.shape == (2400, 1200) and pixels.std() > 10  # not a blank page
 
 
+@pytest.mark.slow
 def test_multilabel_campaign_and_cli(tmp_path):
     logdir = write_campaign(tmp_path / "logs", task="multilabel", n_runs=6, n_patients=20, seed=1)
     out_dir = tmp_path / "out"

@@ -63,6 +63,7 @@ def check_campaign(logdir, dataset, n_runs):
     return stored
 
 
+@pytest.mark.slow
 def test_fitzpatrick_script_trains_eight_runs_then_does_nothing_refuses_other_configs_and_plots(tmp_path):
     data_root = layouts.write_fitzpatrick(tmp_path / "data" / "fitzpatrick", n_patients=16, size=(20, 20))
     logdir = tmp_path / "logs" / "fitzpatrick"
@@ -99,6 +100,7 @@ def test_fitzpatrick_script_trains_eight_runs_then_does_nothing_refuses_other_co
     assert (tmp_path / "figs" / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_train_all_runs_two_chexpert_workers_per_device_on_one_logdir(tmp_path):
     layouts.write_chexpert(tmp_path / "data" / "chexpert", n_patients=10, size=(20, 20))
     env = dict(script_env(), DATASETS="chexpert", DATA_DIR=str(tmp_path / "data"), LOG_DIR=str(tmp_path / "logs"),
@@ -119,6 +121,7 @@ def start_script(dataset, *flags):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_mimic_embed_fairvision_campaigns_eval_only_and_a_diverging_run_side_by_side(tmp_path):
     # Four scripts at once: each process pays JAX's import and one compile; run together they
     # share the cores instead of queueing (and share nothing else: separate logdirs and caches).

@@ -196,6 +196,7 @@ def test_three_workers_finish_nine_runs_exactly_once_and_a_rerun_does_nothing(tm
     assert [rundir.run_dir(logdir, i).stat().st_mtime_ns for i in range(9)] == mtimes
 
 
+@pytest.mark.slow
 def test_a_killed_workers_run_is_reclaimed_after_its_lease_expires(tmp_path):
     (tmp_path / "go").touch()
     settings = dict(n_runs=3, lease=2.0, run_seconds=1.5)

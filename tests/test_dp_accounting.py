@@ -12,7 +12,7 @@ from medleak.dp import accounting, estimator, sampling
 from medleak.errors import MedleakError
 
 
-@pytest.mark.parametrize("target_epsilon", [1.0, 2.0])
+@pytest.mark.parametrize("target_epsilon", [1.0, pytest.param(2.0, marks=pytest.mark.slow)])
 def test_calibrated_sigma_recomputes_to_the_target_with_a_fresh_accountant(target_epsilon):
     q, steps, n_units, delta = 0.05, 40, 2000, 1 / 2000
     max_units = sampling.padded_unit_count(n_units, q)

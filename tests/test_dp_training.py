@@ -27,6 +27,7 @@ def data():
     return images, one_hot, patient_ids
 
 
+@pytest.mark.slow
 def test_patient_level_dp_training_compiles_once_and_records_its_guarantee(data):
     images, labels, patient_ids = data
     config = TrainConfig(model="small_cnn", img_size=(16, 16), epochs=1, batch_size=8,

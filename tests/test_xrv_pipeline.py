@@ -31,6 +31,7 @@ N_PER = 1
 SHARED = ("Atelectasis", "Consolidation", "Pneumothorax", "Edema", "Pleural Effusion", "Pneumonia",
           "Cardiomegaly", "Fracture")
 PICKLED = "densenet121-res224-chex"  # saved like TorchXRayVision's releases: torch.save(model)
+pytestmark = pytest.mark.slow  # three DenseNets on CPU, through the scripts in subprocesses
 
 
 def random_densenet(seed):
