@@ -1,7 +1,16 @@
 """Shared test fixtures."""
 
-import os
+import pytest
 
-# Tests run on CPU in CI; keep XLA from grabbing every core's worth of threads per process when
-# several worker processes run at once.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+from tests.campaigns import write_planted_campaign
+
+
+@pytest.fixture(scope="session")
+def planted_campaign(tmp_path_factory):
+    """One planted campaign (tests/campaigns.py) for the whole session: (logdir, data_root).
+
+    Read-only: a test that changes a logdir writes its own with write_planted_campaign.
+    """
+    base = tmp_path_factory.mktemp("planted_campaign")
+    logdir = write_planted_campaign(base / "logs", data_root=base / "data")
+    return logdir, base / "data"

@@ -20,8 +20,9 @@ import pytest
 
 from medleak.dp.accounting import auc_upper_bound, auc_upper_bound_for_training, spent_epsilon
 from medleak.errors import MedleakError
-from medleak.privacy_utils import budgets
+from medleak.privacy_utils import budgets, figures
 from medleak.privacy_utils.audit import AuditOptions
+from tests.campaigns import write_campaign_logdir
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "positive"]
@@ -39,28 +40,22 @@ def write_gaussian_campaign(logdir, *, sigmas=None, target_epsilon=None, n_patie
     the two `auroc` values; subgroup "sex" gets auroc − 0.1 for F and auroc for M.
     """
     rng = np.random.default_rng(seed)
-    logdir = Path(logdir)
-    (logdir / "runs").mkdir(parents=True)
     patients = [f"p{i:03d}" for i in range(n_patients)]
     rows = [dict(record_id=f"{p}_r{k}", patient_id=p, path=f"{p}_{k}.png", negative=float(i % 2 == 0),
                  positive=float(i % 2 == 1), sex="FM"[i % 2]) for i, p in enumerate(patients) for k in range(1 + (i % 3 == 0))]
     records = pd.DataFrame(rows)
     test = pd.DataFrame([dict(record_id=f"t{j}", patient_id=f"t{j}", path=f"t{j}.png", negative=float(j % 2 == 0),
                               positive=float(j % 2 == 1), sex="FM"[(j // 2) % 2]) for j in range(20)])
-    records.to_csv(logdir / "records.csv", index=False)
-    test.to_csv(logdir / "test_records.csv", index=False)
-    pd.DataFrame({"patient_id": patients}).to_csv(logdir / "patients.csv", index=False)
     patient_mask = np.argsort(rng.random((N_RUNS, n_patients)), axis=0) < N_RUNS // 2
-    np.save(logdir / "patient_mask.npy", patient_mask)
     plan = {"dataset": dataset, "task": "multiclass", "label_names": LABELS, "subgroups": ["sex"],
             "campaign": {"n_runs": N_RUNS, "subset_ratio": 0.5, "seed": seed}}
-    (logdir / "plan.json").write_text(json.dumps(plan))
 
     labels = records[LABELS].to_numpy(np.float32)
     label_index = labels.argmax(axis=1)
     patient_index = records["patient_id"].map({p: i for i, p in enumerate(patients)}).to_numpy()
     base = rng.normal(0, 1, len(records))
     test_labels = test[LABELS].to_numpy(np.float32)
+    runs = []
     for run in range(N_RUNS):
         member = patient_mask[run][patient_index]
         if sigmas is None:
@@ -78,15 +73,11 @@ def write_gaussian_campaign(logdir, *, sigmas=None, target_epsilon=None, n_patie
         metrics = {"test": {"macro_auroc": value, "accuracy": value - 0.05,
                             "subgroups": {"sex": {"F": {"macro_auroc": value - 0.1}, "M": {"macro_auroc": value}}}},
                    "dp": dp}
-        path = logdir / "runs" / f"run_{run:04d}"
-        path.mkdir()
-        np.save(path / "train_logits.npy", logits)
-        np.save(path / "train_labels.npy", labels)
-        np.save(path / "record_mask.npy", member)
-        np.save(path / "test_logits.npy", (2.0 * test_labels + rng.normal(0, 1, test_labels.shape)).astype(np.float32))
-        np.save(path / "test_labels.npy", test_labels)
-        (path / "metrics.json").write_text(json.dumps(metrics))
-    return logdir
+        runs.append(dict(train_logits=logits, train_labels=labels, record_mask=member,
+                         test_logits=2.0 * test_labels + rng.normal(0, 1, test_labels.shape), test_labels=test_labels,
+                         metrics=metrics))
+    return write_campaign_logdir(logdir, plan=plan, records=records, test_records=test, patient_ids=patients,
+                                 patient_mask=patient_mask, runs=runs)
 
 
 # σ for ε ≈ 1 and ≈ 4 at δ = 1e-5 (Gaussian mechanism); the ε ≈ 1 runs alternate between two σ
@@ -255,7 +246,7 @@ def test_trials_are_units_with_mean_scores():
 def test_logdir_labels_are_short_and_unique():
     assert budgets.logdir_labels(["logs/dp_eps1/chexpert", "logs/dp_eps8/chexpert"]) == ["dp_eps1_chexpert", "dp_eps8_chexpert"]
     assert budgets.logdir_labels(["logs/a", "logs/b"]) == ["a", "b"]
-    assert list(budgets.epsilon_axis([1.0, 8.0, math.inf])) == [1.0, 8.0, 80.0]
+    assert list(figures.epsilon_axis([1.0, 8.0, math.inf])) == [1.0, 8.0, 80.0]
 
 
 # ---------------------------------------------------------------- bad input

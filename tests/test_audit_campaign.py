@@ -13,81 +13,20 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from medleak import rundir
 from medleak.errors import MedleakError
 from medleak.privacy_utils.audit import AuditOptions, run_audit
-from medleak.privacy_utils.load import load_campaign
+from medleak.privacy_utils.scoring import load_campaign
+from tests.campaigns import LABELS, PLANTED, write_planted_campaign
 
 ROOT = Path(__file__).resolve().parents[1]
-LABELS = ["benign", "malignant", "other"]
-PLANTED = ["p000", "p001", "p002", "p003"]
-
-
-def write_campaign(logdir, *, n_runs=16, n_patients=50, n_views=2, task="multiclass", seed=0, data_root=None):
-    """A campaign logdir with known answers: the PLANTED patients memorise strongly, others barely."""
-    rng = np.random.default_rng(seed)
-    logdir = Path(logdir)
-    (logdir / "runs").mkdir(parents=True)
-    patients = [f"p{i:03d}" for i in range(n_patients)]
-    rows = []
-    for i, patient in enumerate(patients):
-        for k in range(1 + i % 3):
-            label = np.zeros(len(LABELS))
-            if task == "multiclass":
-                label[rng.integers(len(LABELS))] = 1
-            else:
-                label[rng.random(len(LABELS)) < 0.4] = 1
-            rows.append(dict(record_id=f"{patient}_r{k}", patient_id=patient, path=f"images/{patient}_{k}.png",
-                             **dict(zip(LABELS, label)), sex="F" if patient in PLANTED else ("M" if i % 2 else "F"),
-                             age=["20-39", "40-59", "60-79"][i % 3]))
-    records = pd.DataFrame(rows)
-    test = pd.DataFrame([dict(record_id=f"t{j}", patient_id=f"t{j}", path=f"images/t{j}.png",
-                              **dict(zip(LABELS, np.eye(len(LABELS))[j % len(LABELS)])), sex="MF"[j % 2],
-                              age=["20-39", "40-59", "60-79"][(j // 3) % 3]) for j in range(36)])
-    records.to_csv(logdir / "records.csv", index=False)
-    test.to_csv(logdir / "test_records.csv", index=False)
-    pd.DataFrame({"patient_id": patients}).to_csv(logdir / "patients.csv", index=False)
-    order = np.argsort(rng.random((n_runs, n_patients)), axis=0)
-    patient_mask = order < n_runs // 2
-    np.save(logdir / "patient_mask.npy", patient_mask)
-    plan = {"dataset": "synthetic", "task": task, "label_names": LABELS, "subgroups": ["sex", "age"],
-            "campaign": {"n_runs": n_runs, "subset_ratio": 0.5, "seed": seed}, "extra_key": "tolerated"}
-    (logdir / "plan.json").write_text(json.dumps(plan))
-
-    patient_index = records["patient_id"].map({p: i for i, p in enumerate(patients)}).to_numpy()
-    labels = records[LABELS].to_numpy(np.float32)
-    signs = np.where(labels > 0, 1.0, -1.0)
-    base = rng.normal(0, 1, size=(len(records), 1, len(LABELS)))
-    planted = records["patient_id"].isin(PLANTED).to_numpy()
-    test_labels = test[LABELS].to_numpy(np.float32)
-    for run in range(n_runs):
-        mask = patient_mask[run][patient_index]
-        noise = rng.normal(0, 0.3, size=(len(records), n_views, len(LABELS)))
-        boost = np.where(planted, 4.0, 0.15) * mask  # planted patients: large IN effect
-        logits = base + noise + (boost[:, None, None] * signs[:, None, :])
-        test_logits = 2.0 * test_labels + rng.normal(0, 1, size=test_labels.shape)
-        path = logdir / "runs" / f"run_{run:04d}"
-        path.mkdir()
-        np.save(path / "train_logits.npy", logits.astype(np.float32))
-        np.save(path / "train_labels.npy", labels)
-        np.save(path / "record_mask.npy", mask)
-        np.save(path / "test_logits.npy", test_logits.astype(np.float32))
-        np.save(path / "test_labels.npy", test_labels)
-        (path / "metrics.json").write_text(json.dumps({"test_auroc": 0.9}))
-    (logdir / "runs" / ".tmp-99-host-1").mkdir()  # a worker's unfinished run: ignored
-    (logdir / "notes.txt").write_text("extra files are tolerated")
-    if data_root is not None:
-        for p in records["path"]:
-            (Path(data_root) / p).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(Path(data_root) / p)
-    return logdir
 
 
 @pytest.fixture(scope="module")
-def audited(tmp_path_factory):
-    base = tmp_path_factory.mktemp("audit")
-    logdir = write_campaign(base / "logs", data_root=base / "data")
-    out_dir = base / "figs"
-    summary = run_audit(logdir, AuditOptions(out_dir=out_dir, eval_size=4, data_root=base / "data", progress=False))
+def audited(planted_campaign, tmp_path_factory):
+    logdir, data_root = planted_campaign
+    out_dir = tmp_path_factory.mktemp("audit") / "figs"
+    summary = run_audit(logdir, AuditOptions(out_dir=out_dir, eval_size=4, data_root=data_root, progress=False))
     return logdir, out_dir, summary
 
 
@@ -152,7 +91,7 @@ def test_report_opens_in_headless_chromium(audited, tmp_path):
 
 @pytest.mark.slow
 def test_multilabel_campaign_and_cli(tmp_path):
-    logdir = write_campaign(tmp_path / "logs", task="multilabel", n_runs=6, n_patients=20, seed=1)
+    logdir = write_planted_campaign(tmp_path / "logs", task="multilabel", n_runs=6, n_patients=20, seed=1)
     out_dir = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / "mem_inf_stats.py"), f"--logdir={logdir}", f"--out_dir={out_dir}", "--eval_size=2"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -179,46 +118,46 @@ def test_cli_bad_logdir_is_one_line_error(tmp_path):
 def test_empty_logdir_and_no_runs(tmp_path):
     with pytest.raises(MedleakError, match="plan.json"):
         load_campaign(tmp_path)
-    logdir = write_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
-    for run in (logdir / "runs").glob("run_*"):
-        shutil.rmtree(run)
+    logdir = write_planted_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
+    for run in rundir.list_complete_runs(logdir):
+        shutil.rmtree(rundir.run_dir(logdir, run))
     with pytest.raises(MedleakError, match="no complete runs"):
         load_campaign(logdir, progress=False)
 
 
 def test_one_usable_run_and_skipped_runs_are_reported(tmp_path):
-    logdir = write_campaign(tmp_path / "logs", n_runs=3, n_patients=6)
-    (logdir / "runs" / "run_0001" / "metrics.json").unlink()  # incomplete
-    logits = np.load(logdir / "runs" / "run_0002" / "train_logits.npy")
+    logdir = write_planted_campaign(tmp_path / "logs", n_runs=3, n_patients=6)
+    (rundir.run_dir(logdir, 1) / rundir.METRICS_FILE).unlink()  # incomplete
+    logits = np.load(rundir.run_dir(logdir, 2) / "train_logits.npy")
     logits[3, 0, 1] = np.nan
-    np.save(logdir / "runs" / "run_0002" / "train_logits.npy", logits)
+    np.save(rundir.run_dir(logdir, 2) / "train_logits.npy", logits)
     with pytest.warns(UserWarning, match=r"skipped 2 run\(s\): run_0001 \(missing metrics.json\); run_0002 \(NaN/inf logits\)"):
         with pytest.raises(MedleakError, match="1 usable run"):
             load_campaign(logdir, progress=False)
 
 
 def test_mismatched_labels_and_shapes(tmp_path):
-    logdir = write_campaign(tmp_path / "logs", n_runs=3, n_patients=6)
-    labels = np.load(logdir / "runs" / "run_0001" / "train_labels.npy")
-    np.save(logdir / "runs" / "run_0001" / "train_labels.npy", labels[:, ::-1].copy())
+    logdir = write_planted_campaign(tmp_path / "logs", n_runs=3, n_patients=6)
+    labels = np.load(rundir.run_dir(logdir, 1) / "train_labels.npy")
+    np.save(rundir.run_dir(logdir, 1) / "train_labels.npy", labels[:, ::-1].copy())
     with pytest.raises(MedleakError, match=r"run_0001/train_labels.npy: labels differ"):
         load_campaign(logdir, progress=False)
-    np.save(logdir / "runs" / "run_0001" / "train_labels.npy", labels)
-    logits = np.load(logdir / "runs" / "run_0000" / "train_logits.npy")
-    np.save(logdir / "runs" / "run_0000" / "train_logits.npy", logits[:, :, :2].copy())
+    np.save(rundir.run_dir(logdir, 1) / "train_labels.npy", labels)
+    logits = np.load(rundir.run_dir(logdir, 0) / "train_logits.npy")
+    np.save(rundir.run_dir(logdir, 0) / "train_logits.npy", logits[:, :, :2].copy())
     with pytest.raises(MedleakError, match=r"shape .* expected"):
         load_campaign(logdir, progress=False)
 
 
 def test_record_without_out_model_is_refused(tmp_path):
-    logdir = write_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
-    patient_mask = np.load(logdir / "patient_mask.npy")
+    logdir = write_planted_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
+    patient_mask = np.load(logdir / rundir.MASK_FILE)
     patient_mask[:, 0] = True
-    np.save(logdir / "patient_mask.npy", patient_mask)
-    records = pd.read_csv(logdir / "records.csv")
+    np.save(logdir / rundir.MASK_FILE, patient_mask)
+    records = pd.read_csv(logdir / rundir.RECORDS_FILE)
     for run in range(4):
-        np.save(logdir / "runs" / f"run_{run:04d}" / "record_mask.npy", (records["patient_id"] == "p000").to_numpy() | np.load(
-            logdir / "runs" / f"run_{run:04d}" / "record_mask.npy"))
+        np.save(rundir.run_dir(logdir, run) / "record_mask.npy", (records["patient_id"] == "p000").to_numpy() | np.load(
+            rundir.run_dir(logdir, run) / "record_mask.npy"))
     with pytest.raises(MedleakError, match=r"no OUT model .*p000_r0"):
         run_audit(logdir, AuditOptions(out_dir=tmp_path / "out", progress=False))
 
@@ -228,22 +167,22 @@ def test_record_without_out_model_is_refused(tmp_path):
     (dict(rmia_gamma=0.0), "--rmia_gamma"), (dict(rmia_population=0), "--rmia_population"),
     (dict(eval_size=0), "--eval_size"), (dict(data_root="/nonexistent/medleak"), "--data_root"),
 ])
-def test_bad_audit_options_are_refused_naming_the_flag(tmp_path, options, flag):
-    logdir = write_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
+def test_bad_audit_options_are_refused_naming_the_flag(planted_campaign, tmp_path, options, flag):
+    logdir, _ = planted_campaign
     with pytest.raises(MedleakError, match=flag):
         run_audit(logdir, AuditOptions(out_dir=tmp_path / "out", progress=False, **options))
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
-def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
-    logdir = write_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
+def test_unwritable_out_dir_is_a_one_line_error(planted_campaign, tmp_path):
+    logdir, _ = planted_campaign
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(MedleakError, match="--out_dir"):
         run_audit(logdir, AuditOptions(out_dir=tmp_path / "file" / "figs", progress=False))
 
 
 def test_unreadable_plan_json_is_a_one_line_error(tmp_path):
-    logdir = write_campaign(tmp_path / "logs", n_runs=3, n_patients=6)
-    (logdir / "plan.json").write_text("{not json")
+    logdir = write_planted_campaign(tmp_path / "logs", n_runs=3, n_patients=6)
+    (logdir / rundir.PLAN_FILE).write_text("{not json")
     with pytest.raises(MedleakError, match="plan.json: unreadable"):
         load_campaign(logdir, progress=False)
