@@ -16,7 +16,10 @@ Modules (one concept each):
     logdir.py      the per-dataset logdir in the run-directory format (no torch)
     attack.py      xrv_attack.py's work: offline RMIA/LiRA vs the reference, ROC, risk tables
     report.py      report.html of the attack
+    cli.py         the two command lines (xrv_scores.py / medleak-xrv-scores, xrv_attack.py /
+                   medleak-xrv-attack); imports scores.py only once its flags are parsed
 
 Only models.py, preprocess.py, inference.py and scores.py import torch; nothing outside this
-package imports any of them, so the rest of medleak never needs torch.
+package imports any of them (cli.py: only inside the scores entry point), so the rest of
+medleak never needs torch.
 """
