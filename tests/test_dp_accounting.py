@@ -4,8 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from jax_privacy import auditing
-from scipy import optimize, stats
+from scipy import stats
 
 from medleak.config import TrainConfig
 from medleak.dp import accounting, estimator, sampling
@@ -40,7 +39,8 @@ def test_plan_dp_run_records_what_a_fresh_accountant_reproduces():
     run_patients = patient_ids[patient_ids < 750]
     plan = estimator.plan_dp_run(config, shape, run_patients, steps=50)
     summary = plan.summary
-    assert summary["n_units"] == 750 and summary["delta"] == pytest.approx(1 / 750)
+    assert summary["n_units"] == 750 and summary["delta"] == accounting.default_delta(750)
+    assert summary["delta"] < 1 / 750
     assert summary["unit"] == "patient" and summary["accountant"] == "pld"
     assert summary["sampling_rate"] == pytest.approx(shape.expected_units / 750)
     assert summary["steps"] == 50
@@ -95,38 +95,36 @@ def test_max_tpr_matches_a_loop_over_the_profile():
     np.testing.assert_allclose(accounting.max_tpr(fprs, epsilons, deltas), loop, atol=1e-12)
 
 
-def test_clopper_pearson_upper_matches_binomial_inversion():
-    for k, n in [(0, 50), (7, 50), (99, 100)]:
-        upper = float(accounting.clopper_pearson_upper(k, n, 0.05))
-        # The upper bound p solves P(Binomial(n, p) <= k) = 0.05.
-        solved = optimize.brentq(lambda p: stats.binom.cdf(k, n, p) - 0.05, 1e-12, 1 - 1e-12)
-        assert upper == pytest.approx(solved, rel=1e-6)
-    assert float(accounting.clopper_pearson_upper(50, 50, 0.05)) == 1.0
+def test_default_delta_is_strictly_below_one_over_n():
+    sizes = np.unique(np.geomspace(2, 10**7, 300).astype(int))
+    deltas = np.array([accounting.default_delta(int(n)) for n in sizes])
+    assert np.all(deltas < 1 / sizes)
+    # n * delta (the expected number of units a "leak each with probability delta" mechanism
+    # exposes) is below one and shrinks as the dataset grows.
+    assert np.all(np.diff(sizes * deltas) < 0) and sizes[0] * deltas[0] < 0.6
+    assert accounting.default_delta(100_000) == pytest.approx(1 / (100_000 * (1 + np.log(100_000))))
+    for bad in (0, 1, 2.5):
+        with pytest.raises(MedleakError, match="--delta"):
+            accounting.default_delta(bad)
 
 
-def test_empirical_epsilon_lower_bound_is_below_the_true_epsilon():
-    # Scores of a mu-GDP mechanism: N(mu, 1) for IN, N(0, 1) for OUT. Its exact epsilon at delta
-    # solves delta = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2).
-    mu, delta = 2.0, 1e-3
-    def gdp_delta(e):
-        return stats.norm.cdf(-e / mu + mu / 2) - np.exp(e) * stats.norm.cdf(-e / mu - mu / 2)
+def test_campaign_delta_is_fixed_at_planning_and_kept_by_running_campaigns():
+    from medleak.campaign.plan import plan_differences
 
-    true_eps = optimize.brentq(lambda e: gdp_delta(e) - delta, 0, 50)
-    rng = np.random.default_rng(0)
-    in_scores = rng.normal(mu, 1, 5000)
-    out_scores = rng.normal(0, 1, 5000)
-    lower = accounting.empirical_epsilon_lower_bound(in_scores, out_scores, delta)
-    assert 0.5 < lower < true_eps
-    # The same statistic at one fixed threshold agrees with jax-privacy's auditor.
-    threshold = 1.5
-    tp = int(np.sum(in_scores >= threshold))
-    fp = int(np.sum(out_scores >= threshold))
-    ours = accounting.epsilon_lower_bound_from_counts(tp, 5000, fp, 5000, delta, 0.05)
-    theirs = auditing.CanaryScoreAuditor(in_scores, out_scores).epsilon_clopper_pearson(
-        0.05, delta=delta, one_sided=False, threshold_strategy=auditing.Explicit(threshold))
-    assert ours == pytest.approx(theirs, rel=1e-9)
-    assert ours < true_eps
-    # No signal: the bound is (close to) zero.
-    null = accounting.empirical_epsilon_lower_bound(rng.normal(0, 1, 2000), rng.normal(0, 1, 2000),
-                                                    delta)
-    assert null < 0.2
+    patient_ids = np.repeat(np.arange(300).astype(str), 3)  # 300 patients, 900 records
+    dp = TrainConfig(epsilon=2.0, delta=0.0, dp_unit="record")
+    fresh = estimator.campaign_delta(dp, patient_ids, None)
+    assert fresh.delta == accounting.default_delta(900)
+    by_patient = estimator.campaign_delta(dataclasses.replace(dp, dp_unit="patient"), patient_ids)
+    assert by_patient.delta == accounting.default_delta(300)
+    # Recorded in plan.json's train_config, so a later worker resolves the same plan document.
+    stored = {"train_config": fresh.to_dict()}
+    again = estimator.campaign_delta(dp, patient_ids, stored)
+    assert plan_differences(stored, {"train_config": again.to_dict()}) == []
+    # A campaign planned before delta was fixed keeps its stored 0 (its workers still match).
+    legacy = {"train_config": dp.to_dict()}
+    assert estimator.campaign_delta(dp, patient_ids, legacy) == dp
+    # An explicit --delta, or no DP, is left alone (non-DP plans do not change).
+    explicit = dataclasses.replace(dp, delta=1e-6)
+    assert estimator.campaign_delta(explicit, patient_ids, None) == explicit
+    assert estimator.campaign_delta(TrainConfig(), patient_ids, None) == TrainConfig()

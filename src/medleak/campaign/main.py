@@ -167,6 +167,10 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
     train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
     queue = WorkQueue(logdir, lease_seconds=campaign_config.lease_seconds,
                       max_attempts=campaign_config.max_attempts)
+    if train_config.dp:  # --delta=0: one delta for the campaign, fixed (in plan.json) when planned
+        from medleak.dp.estimator import campaign_delta
+        train_config = campaign_delta(train_config, train_table.df["patient_id"].astype(str).to_numpy(),
+                                      rundir.read_plan(logdir))
     document = plan.plan_document(dataset, train_table, test_table, train_config,
                                   n_runs=campaign_config.n_runs, subset_ratio=campaign_config.subset_ratio,
                                   seed=campaign_config.seed)

@@ -10,9 +10,10 @@ the PLD accountant over the real number of steps (`dp_accounting.calibrate_dp_me
 
 Attack bounds: an (epsilon, delta) guarantee (or better, the whole privacy profile delta(epsilon)
 of the trained model) bounds the trade-off curve of any membership test on one unit, hence its
-TPR at every FPR and its AUC (`auc_upper_bound`). Conversely, an attack's TPR/FPR with
-Clopper-Pearson intervals gives a lower bound on the epsilon actually spent
-(`empirical_epsilon_lower_bound`).
+TPR at every FPR and its AUC (`auc_upper_bound`). Conversely, an attack on the canaries of one
+trained model gives a lower bound on the epsilon actually spent (`medleak.dp.auditing`, the
+one-run audit of Steinke, Nasr & Jagielski 2023; `empirical_epsilon_lower_bound` is re-exported
+here for its callers).
 """
 
 import functools
@@ -21,10 +22,9 @@ import math
 import dp_accounting
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution
-from jax_privacy import auditing
-from scipy import stats
 
 from medleak.dp import sampling
+from medleak.dp.auditing import empirical_epsilon_lower_bound  # noqa: F401 (re-exported)
 from medleak.errors import MedleakError
 
 ACCOUNTANTS = ("pld", "rdp")
@@ -36,8 +36,16 @@ _ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
 def default_delta(n_units: int) -> float:
-    """delta = 1 / n_units (SPEC.md: 1/n_train records, or 1/n_train patients at patient level)."""
-    return 1.0 / n_units
+    """delta = 1 / (n (1 + ln n)) for n privacy units (records, or patients at patient level).
+
+    Strictly below 1/n for every n >= 2, by a factor that grows with n, so the expected number of
+    units a "leak each unit with probability delta" mechanism exposes, n * delta = 1/(1 + ln n),
+    is below one and shrinks with n (Dwork & Roth call delta ~ 1/n "very dangerous"; docs/DP.md).
+    """
+    if not (isinstance(n_units, (int, np.integer)) and n_units >= 2):
+        raise MedleakError(f"default delta needs at least 2 privacy units (records or patients), "
+                           f"got {n_units}; pass --delta explicitly")
+    return 1.0 / (n_units * (1.0 + math.log(n_units)))
 
 
 def make_accountant(accountant: str = "pld") -> dp_accounting.PrivacyAccountant:
@@ -239,43 +247,3 @@ def auc_upper_bound_for_training(noise_multiplier: float, sampling_rate: float, 
     epsilons = np.linspace(0.0, max(eps_max, 1e-3), n_epsilons)
     deltas = privacy_profile(noise_multiplier, sampling_rate, steps, epsilons, **units)
     return auc_upper_bound(epsilons, deltas)
-
-
-def clopper_pearson_upper(successes, trials, significance: float) -> np.ndarray:
-    """One-sided Clopper-Pearson upper confidence bound (confidence 1 - significance)."""
-    successes = np.asarray(successes)
-    return np.where(successes < trials,
-                    stats.beta.ppf(1 - significance, successes + 1, trials - successes), 1.0)
-
-
-def epsilon_lower_bound_from_counts(true_positives, n_in, false_positives, n_out, delta: float,
-                                    significance: float = 0.05) -> float:
-    """epsilon lower bound from an attack's TP/FP counts at one (or several) fixed thresholds.
-
-    With confidence 1 - significance (Clopper-Pearson upper bounds on FNR and FPR, each at
-    significance/2), any (eps, delta)-DP model has eps >= log((TPR_lo - delta) / FPR_hi) and
-    eps >= log((TNR_lo - delta) / FNR_hi). Thresholds must be chosen independently of these
-    counts; use `empirical_epsilon_lower_bound` to search thresholds (Bonferroni-corrected).
-    """
-    tp = np.atleast_1d(true_positives)
-    fp = np.atleast_1d(false_positives)
-    fnr_hi = clopper_pearson_upper(n_in - tp, n_in, significance / 2)
-    fpr_hi = clopper_pearson_upper(fp, n_out, significance / 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        forward = np.log(1 - fnr_hi - delta) - np.log(fpr_hi)
-        backward = np.log(1 - fpr_hi - delta) - np.log(fnr_hi)
-    bounds = np.nan_to_num(np.concatenate([forward, backward]), nan=0.0, neginf=0.0)
-    return float(max(0.0, np.max(bounds)))
-
-
-def empirical_epsilon_lower_bound(in_scores, out_scores, delta: float,
-                                  significance: float = 0.05) -> float:
-    """epsilon lower bound from attack scores of IN and OUT units (higher = more likely IN).
-
-    jax_privacy's Clopper-Pearson auditor over every threshold, Bonferroni-corrected, two-sided.
-    The trials are assumed independent (one unit per trial); correlated trials, such as several
-    records of one model, make the interval optimistic.
-    """
-    auditor = auditing.CanaryScoreAuditor(np.asarray(in_scores, float),
-                                          np.asarray(out_scores, float))
-    return float(auditor.epsilon_clopper_pearson(significance, delta=delta, one_sided=False))

@@ -74,7 +74,8 @@ def validate_dp_config(config) -> None:
     if not config.epsilon > 0:
         raise MedleakError(f"--epsilon must be > 0 (inf disables DP), got {config.epsilon}")
     if not 0 <= config.delta < 1:
-        raise MedleakError(f"--delta must be in [0, 1) (0 means 1/n_units), got {config.delta}")
+        raise MedleakError(f"--delta must be in [0, 1) (0: 1/(n (1 + ln n)) for n units), "
+                           f"got {config.delta}")
     if not 0 < config.clip_norm < float("inf"):
         raise MedleakError(f"--clip_norm must be a positive number, got {config.clip_norm}")
 
@@ -100,11 +101,32 @@ def dp_batch_shape(config, record_unit_ids) -> sampling.BatchShape:
                                 grad_accum=config.grad_accum)
 
 
+def campaign_delta(config, record_patient_ids, stored_plan: dict | None = None):
+    """`config` with --delta=0 replaced by the campaign's delta, fixed when the plan is made.
+
+    delta = `accounting.default_delta(n)`, n = the training split's privacy units (records, or
+    patients with --dp_unit=patient); each run trains on a subset of them, so delta < 1/n_run
+    too. The result goes into plan.json's train_config, so every run and worker uses the same
+    value. A logdir whose stored plan has delta 0 (planned before delta was fixed at planning)
+    keeps 0, so its plan still matches; its runs then get default_delta of their own units.
+    Without DP, or with an explicit --delta, `config` is returned unchanged.
+    """
+    if not config.dp or config.delta > 0:
+        return config
+    if stored_plan is not None and float(stored_plan.get("train_config", {}).get("delta", 0)) == 0:
+        return config
+    record_patient_ids = np.asarray(record_patient_ids)
+    n_units = (len(record_patient_ids) if config.dp_unit == "record"
+               else len(np.unique(record_patient_ids)))
+    return dataclasses.replace(config, delta=accounting.default_delta(int(n_units)))
+
+
 def plan_dp_run(config, shape: sampling.BatchShape, run_unit_ids, steps: int) -> DpPlan:
     """Calibrates sigma for one run (its units, steps and sampling rate) and summarises it.
 
     `run_unit_ids`: the unit id of each of this run's training records (record-level: anything
-    unique per record). delta = config.delta, or 1/n_units when it is 0.
+    unique per record). delta = config.delta, or `accounting.default_delta(n_units)` when it is 0
+    (campaigns fix it for all runs when planned: `campaign_delta`).
     """
     validate_dp_config(config)
     n_units = len(np.unique(np.asarray(run_unit_ids)))
