@@ -92,12 +92,12 @@ def test_plan_is_written_once_and_then_checked(tmp_path):
     wanted = document(train, test, epochs=2)
     stored, mask, created = plan.ensure_plan(tmp_path, wanted, train, test)
     assert created and mask.shape == (4, 6) and (mask.sum(axis=0) == 2).all()
-    for name in ("plan.json", "patient_mask.npy", "patients.csv", "records.csv", "test_records.csv"):
+    for name in (rundir.PLAN_FILE, rundir.MASK_FILE, rundir.PATIENTS_FILE, rundir.RECORDS_FILE, rundir.TEST_RECORDS_FILE):
         assert (tmp_path / name).is_file()
-    records = pd.read_csv(tmp_path / "records.csv")
+    records = pd.read_csv(tmp_path / rundir.RECORDS_FILE)
     assert list(records["record_id"]) == list(train.df["record_id"])
     assert "split" not in records.columns and {"a", "b", "sex", "path"} <= set(records.columns)
-    patients = pd.read_csv(tmp_path / "patients.csv")["patient_id"].tolist()
+    patients = pd.read_csv(tmp_path / rundir.PATIENTS_FILE)["patient_id"].tolist()
     assert patients == [f"p{p}" for p in range(6)]
     assert stored["dataset_hash"] == train.content_hash() and stored["train_config"]["epochs"] == 2
 

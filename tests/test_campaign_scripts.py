@@ -40,14 +40,14 @@ def check_campaign(logdir, dataset, n_runs):
     """The logdir holds a complete, consistent campaign of `n_runs` runs."""
     stored = rundir.read_plan(logdir)
     assert stored["dataset"] == dataset and stored["campaign"]["n_runs"] == n_runs
-    records = pd.read_csv(logdir / "records.csv")
+    records = pd.read_csv(logdir / rundir.RECORDS_FILE)
     patients = pd.read_csv(logdir / "patients.csv")["patient_id"].astype(str).tolist()
     patient_mask = rundir.load_patient_mask(logdir)
     assert patient_mask.shape == (n_runs, len(patients)) == (n_runs, stored["n_patients"])
     _, patient_index = plan.patient_index(records["patient_id"].astype(str))
     assert rundir.list_complete_runs(logdir) == list(range(n_runs))
-    assert sorted(p.name for p in (logdir / "runs").iterdir()) == [rundir.run_dir_name(i) for i in range(n_runs)]
-    n_test = len(pd.read_csv(logdir / "test_records.csv"))
+    assert sorted(p.name for p in (logdir / rundir.RUNS_DIR).iterdir()) == [rundir.run_dir_name(i) for i in range(n_runs)]
+    n_test = len(pd.read_csv(logdir / rundir.TEST_RECORDS_FILE))
     for i in range(n_runs):
         run = rundir.read_run(logdir, i)
         n, c = len(records), N_CLASSES[dataset]
@@ -154,7 +154,7 @@ def test_mimic_embed_fairvision_campaigns_eval_only_and_a_diverging_run_side_by_
     assert record_mask.all() and metrics["n_train_in"] == record_mask.size
     assert metrics["eval_only"] is True and metrics["train_out"] is None
     assert metrics["test"]["n"] == np.load(out / "test_logits.npy", allow_pickle=False).shape[0]
-    assert not (eval_logdir / "plan.json").exists() and not (eval_logdir / "runs").exists()
+    assert not (eval_logdir / rundir.PLAN_FILE).exists() and not (eval_logdir / rundir.RUNS_DIR).exists()
 
     assert "nothing left to claim · run 0/1 done · 0 in progress · 1 failed" in outputs["diverged"][0]
     run = json.loads((nan_logdir / "queue" / "queue.json").read_text())["runs"][0]
@@ -162,4 +162,4 @@ def test_mimic_embed_fairvision_campaigns_eval_only_and_a_diverging_run_side_by_
     errors = [e["error"] for e in run["errors"]]
     assert all(e.startswith("TrainingDiverged: training loss became nan") for e in errors)
     assert errors[0].split("(seed ")[1] != errors[1].split("(seed ")[1]  # the retry used a fresh seed
-    assert rundir.list_complete_runs(nan_logdir) == [] and not list((nan_logdir / "runs").glob(".tmp-*"))
+    assert rundir.list_complete_runs(nan_logdir) == [] and not list((nan_logdir / rundir.RUNS_DIR).glob(".tmp-*"))

@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-xrv.txt)")
 xrv = pytest.importorskip("torchxrayvision", reason="torchxrayvision not installed (pip install -r requirements-xrv.txt)")
 
+from medleak import rundir  # noqa: E402
 from medleak.data_utils.datasets import load_dataset  # noqa: E402
 from medleak.errors import MedleakError  # noqa: E402
 from medleak.io_utils import load_npy, read_json  # noqa: E402
@@ -76,11 +77,11 @@ def audit(tmp_path_factory):
 @pytest.mark.parametrize("dataset", ["chexpert", "mimic"])
 def test_logdir_holds_logits_and_member_mask_per_model(audit, dataset):
     logdir = audit["logroot"] / dataset
-    plan = read_json(logdir / "plan.json")
+    plan = rundir.read_plan(logdir)
     assert plan["label_names"] == list(SHARED)
     assert [m["role"] for m in plan["models"]] == ["target", "reference"]
     assert plan["models"][0]["name"] == models.TARGET_MODELS[dataset]
-    records = pd.read_csv(logdir / "records.csv", dtype=str)
+    records = pd.read_csv(logdir / rundir.RECORDS_FILE, dtype=str)
     n = len(records)
     assert n == 2 * N_PER
 
@@ -92,7 +93,7 @@ def test_logdir_holds_logits_and_member_mask_per_model(audit, dataset):
 
     labels = table.df.set_index("record_id").loc[records["record_id"], list(SHARED)].to_numpy(np.float32)
     for run, model in enumerate(plan["models"]):
-        run_dir = logdir / "runs" / f"run_{run:04d}"
+        run_dir = rundir.run_dir(logdir, run)
         logits = load_npy(run_dir / "train_logits.npy")
         assert logits.shape == (n, 1, len(SHARED)) and logits.dtype == np.float32
         assert np.isfinite(logits).all()
@@ -100,7 +101,7 @@ def test_logdir_holds_logits_and_member_mask_per_model(audit, dataset):
         mask = load_npy(run_dir / "record_mask.npy")
         expected = sampled_roles == "member" if model["role"] == "target" else np.zeros(n, dtype=bool)
         assert np.array_equal(mask, expected)
-        metrics = read_json(run_dir / "metrics.json")
+        metrics = read_json(run_dir / rundir.METRICS_FILE)
         assert metrics["name"] == model["name"] and metrics["weights_file"] == models.weights_filename(model["name"])
 
 
@@ -108,8 +109,8 @@ def test_saved_logits_are_raw_and_match_torchxrayvision_own_model(audit):
     """Ours + TorchXRayVision's sigmoid and operating-point calibration = TorchXRayVision's own output,
     with its own loader reading our weights folder."""
     logdir = audit["logroot"] / "chexpert"
-    records = pd.read_csv(logdir / "records.csv", dtype=str)
-    logits = load_npy(logdir / "runs" / "run_0000" / "train_logits.npy")[:, 0, :]
+    records = pd.read_csv(logdir / rundir.RECORDS_FILE, dtype=str)
+    logits = load_npy(rundir.run_dir(logdir, 0) / "train_logits.npy")[:, 0, :]
     own = xrv.models.DenseNet(weights=PICKLED, cache_dir=str(audit["weights_dir"])).eval()
     assert own.op_threshs is not None  # TorchXRayVision calibrates its outputs by default
     images = torch.from_numpy(np.stack([load_preprocessed(audit["roots"]["chexpert"], p) for p in records["path"]]))
@@ -180,8 +181,8 @@ def test_existing_logdir_is_not_overwritten_silently(audit):
     from medleak.xrv import scores
 
     logdir = audit["logroot"] / "chexpert"
-    before = load_npy(logdir / "runs" / "run_0000" / "train_logits.npy")
+    before = load_npy(rundir.run_dir(logdir, 0) / "train_logits.npy")
     config = scores.ScoreConfig(datasets=("chexpert",), weights_dir=str(audit["weights_dir"]), n_per=1)
     with pytest.raises(MedleakError, match="--overwrite"):
         scores.run({"chexpert": audit["roots"]["chexpert"]}, {}, audit["logroot"], config)
-    assert np.array_equal(load_npy(logdir / "runs" / "run_0000" / "train_logits.npy"), before)
+    assert np.array_equal(load_npy(rundir.run_dir(logdir, 0) / "train_logits.npy"), before)
