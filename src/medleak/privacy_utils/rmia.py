@@ -18,13 +18,17 @@ records z with LR(x) / LR(z) > γ. The population is a fixed random subset of th
 With one fixed population the score is a monotone function of LR(x), so γ and the population
 size shape the score's scale, not the ROC; Pr(x) (and offline `a`) is what makes RMIA differ
 from thresholding p(x|θ). Offline `a` is tuned (`tune_offline_a`) on a shadow
-model used as a pretend target, never on an evaluated target.
+model used as a pretend target, never on an evaluated target, with references chosen by the
+leave-one-out design of `shadows.py` so they do not depend on the pretend target's membership.
 """
+
+import warnings
 
 import numpy as np
 
 from medleak.errors import MedleakError
 from medleak.privacy_utils.lira import shadow_stats
+from medleak.privacy_utils.shadows import fit_shadows, target_stats
 from medleak.privacy_utils.roc import auc_score
 
 DEFAULT_TRIM = 0.0  # the paper's plain mean; mem_inf_stats uses --rmia_trim=0.1
@@ -91,21 +95,39 @@ def rmia_from_reference(reference, target_scores, *, gamma=DEFAULT_GAMMA, popula
 
 
 def tune_offline_a(shadow_scores, shadow_masks, *, trim=DEFAULT_TRIM, gamma=DEFAULT_GAMMA, population=None, grid=A_GRID,
-                   transform=None):
+                   transform=None, drop_seed=0):
     """Picks offline `a` maximising AUC on shadow model 0 used as a pretend target.
 
-    The pretend target's own scores and mask are held out; the other shadows are its references
-    (a view, not a copy, of the shadow array).
-    `transform` maps stored scores to probabilities chunk-wise (see `shadow_stats`).
+    The pretend target's references are the other shadows with the leave-one-out design of
+    `shadows.py` (one more model dropped per record from the group its bit would enlarge), so which
+    references describe a record does not depend on whether the pretend target trained on it.
+    With only 2 shadow models that design leaves no reference: the other shadow is used as is,
+    with a warning. `transform` maps stored scores to probabilities chunk-wise (see `shadow_stats`).
     Returns (a, {a: auc}).
     """
     shadow_scores = np.asarray(shadow_scores) if not isinstance(shadow_scores, np.ndarray) else shadow_scores
     if shadow_scores.shape[0] < 2:
         raise MedleakError("tuning RMIA offline `a` needs at least 2 shadow models (one is used as a pretend target)")
     shadow_masks = np.asarray(shadow_masks)
-    references = shadow_stats(shadow_scores[1:], shadow_masks[1:], **_stats_options(trim), transform=transform)
-    observed = shadow_scores[0] if transform is None else transform(shadow_scores[0])
-    members = shadow_masks[0]
+    if shadow_scores.shape[0] == 2:
+        warnings.warn("only 2 shadow models: RMIA offline `a` is tuned with the other one as the reference, "
+                      "whose membership depends on the pretend target's (train more runs)", stacklevel=2)
+        references = shadow_stats(shadow_scores[1:], shadow_masks[1:], **_stats_options(trim), transform=transform)
+        observed = shadow_scores[0] if transform is None else transform(shadow_scores[0])
+        return _best_a(references, observed, shadow_masks[0], gamma, population, grid)
+    fit = fit_shadows(shadow_scores, shadow_masks, medians=False, trim=trim or None, transform=transform)
+    return tune_offline_a_fitted(fit, 0, gamma=gamma, population=population, grid=grid, drop_seed=drop_seed)
+
+
+def tune_offline_a_fitted(fit, pretend_index, *, gamma=DEFAULT_GAMMA, population=None, grid=A_GRID, drop_seed=0):
+    """`tune_offline_a` on a `shadows.ShadowFit`: model `pretend_index` is the pretend target and
+    `shadows.target_stats(fit, pretend_index, drop_seed)` its references. Returns (a, {a: auc})."""
+    references = target_stats(fit, pretend_index, drop_seed)
+    return _best_a(references, fit.observed(pretend_index), fit.masks[pretend_index], gamma, population, grid)
+
+
+def _best_a(references, observed, members, gamma, population, grid):
+    """(a with the highest AUC on the pretend target (ties: smallest a), {a: auc})."""
     aucs = {}
     for a in grid:
         scores = rmia_from_reference(reference_probability(references, offline=True, a=float(a)), observed, gamma=gamma, population=population)
