@@ -186,3 +186,62 @@ def test_unreadable_plan_json_is_a_one_line_error(tmp_path):
     (logdir / rundir.PLAN_FILE).write_text("{not json")
     with pytest.raises(MedleakError, match="plan.json: unreadable"):
         load_campaign(logdir, progress=False)
+
+
+# ---------------------------------------------------------------- mix-ups and the generated flags
+
+
+def test_dataset_other_than_plan_json_is_a_one_line_error_naming_both(tmp_path):
+    logdir = write_planted_campaign(tmp_path / "logs", n_runs=4, n_patients=6)  # plan.json: dataset "synthetic"
+    with pytest.raises(MedleakError, match=r"--dataset=fitzpatrick .* is a synthetic campaign") as raised:
+        run_audit(logdir, AuditOptions(out_dir=tmp_path / "out", dataset="fitzpatrick", progress=False))
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()  # refused before any work
+    with pytest.warns(UserWarning, match="only 4 runs"):
+        summary = run_audit(logdir, AuditOptions(out_dir=tmp_path / "out", progress=False))  # default: plan.json's
+    assert summary["dataset"] == "synthetic" and "synthetic" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_data_root_of_another_dataset_prints_one_line_and_drops_the_grid(tmp_path, capsys):
+    logdir = write_planted_campaign(tmp_path / "logs", n_runs=4, n_patients=6)
+    other_root = tmp_path / "other_data"
+    other_root.mkdir()
+    with pytest.warns(UserWarning, match="only 4 runs"):
+        run_audit(logdir, AuditOptions(out_dir=tmp_path / "out", data_root=other_root, progress=False))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--data_root" in line]
+    assert len(lines) == 1
+    assert f"--data_root={other_root}" in lines[0] and str(other_root / "images" / "p") in lines[0]
+    assert "image grid is left out" in lines[0]
+    assert not (tmp_path / "out" / "vulnerable_images.png").exists()
+
+
+def test_audit_returns_the_tables_it_writes(tmp_path):
+    from medleak.privacy_utils.audit import audit_campaign
+
+    logdir = write_planted_campaign(tmp_path / "logs", n_runs=6, n_patients=10)
+    with pytest.warns(UserWarning, match="only 6 runs"):
+        result = audit_campaign(load_campaign(logdir, progress=False), AuditOptions(out_dir=tmp_path / "out", progress=False))
+    records = pd.read_csv(logdir / "records.csv", dtype={"record_id": str})
+    assert result.record_table["record_id"].tolist() == records["record_id"].tolist()  # records.csv order
+    on_disk = pd.read_csv(tmp_path / "out" / "record_risk.csv", dtype={"record_id": str, "patient_id": str})
+    by_id = result.record_table.set_index("record_id").loc[on_disk["record_id"]]
+    np.testing.assert_allclose(by_id["auc"].to_numpy(), on_disk["auc"].to_numpy(), rtol=1e-12)
+    patients = pd.read_csv(tmp_path / "out" / "patient_risk.csv", dtype={"patient_id": str})
+    assert result.patient_table["patient_id"].tolist() == patients["patient_id"].tolist()
+    assert set(result.attack_scores) == set(result.summary["attacks"]) and result.target_masks.shape == (4, len(records))
+
+
+def test_audit_flags_are_generated_from_audit_options():
+    import dataclasses
+
+    from absl import flags
+
+    from medleak.privacy_utils import cli
+
+    flag_values = flags.FlagValues()
+    cli.define_audit_flags(flag_values, module_name="test")
+    flag_values(["prog"])
+    assert cli.options_from_flags(flag_values) == AuditOptions()
+    assert {f.name for f in dataclasses.fields(AuditOptions)} | {"logdir"} == set(flag_values)
+    flag_values(["prog", "--eval_size=3", "--rmia_gamma=2", "--noprogress", "--dataset=chexpert"])
+    assert cli.options_from_flags(flag_values) == AuditOptions(eval_size=3, rmia_gamma=2.0, progress=False, dataset="chexpert")

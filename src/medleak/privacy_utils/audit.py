@@ -1,5 +1,8 @@
-"""The audit of one campaign logdir: load → record risk → patient risk → attacks → subgroups →
-figures → CSV/JSON tables → report.html. `run_audit` is what `mem_inf_stats.py` calls.
+"""The audit of one campaign logdir, in named steps: read the plan files → validate and score the
+runs (`load`, `scoring`) → record and patient risk (`record_risk_tables`) → attacks on held-out
+targets (`attack_suite`) → subgroups and diseases (`subgroup_tables`) → tables (`write_tables`) →
+figures (`audit_figures`, `vulnerable_images`) → attack_summary.json → report.html (`report`).
+`run_audit` is what `medleak-audit` / `mem_inf_stats.py` calls (`cli.py`).
 
 Attacks are evaluated against `eval_size` held-out target runs (the last runs); the other runs are
 the shadows, shared by all targets, so shadow statistics are computed once per score type.
@@ -17,22 +20,25 @@ from medleak.errors import MedleakError
 from medleak.io_utils import write_csv, write_json
 from medleak.privacy_utils import figures, report
 from medleak.privacy_utils.lira import campaign_stats, lira_from_stats, shadow_stats
-from medleak.privacy_utils.load import load_campaign
-from medleak.privacy_utils.risk import (patient_risk, record_auc_from_moments,
-                                    require_in_and_out, share_above)
+from medleak.privacy_utils.load import read_campaign_files
+from medleak.privacy_utils.risk import patient_risk, record_auc_from_moments, require_in_and_out, share_above
 from medleak.privacy_utils.rmia import (DEFAULT_GAMMA, DEFAULT_POPULATION, population_indices,
-                                    reference_probability, rmia_from_reference, tune_offline_a)
+                                        reference_probability, rmia_from_reference, tune_offline_a)
 from medleak.privacy_utils.roc import FPR_GRID, summarise_attack
 from medleak.privacy_utils.scores import log_p_from_lira, rmia_from_lira
+from medleak.privacy_utils.scoring import score_campaign
 from medleak.privacy_utils.subgroups import (TOP_SHARE, composition, patient_attributes, privacy_by_subgroup,
-                                         record_label_text, utility_by_subgroup)
+                                             record_label_text, utility_by_subgroup)
 
-N_TOP_PATIENTS_SHOWN = 20
 N_GRID_IMAGES = 16
+LIRA_VARIANTS = (("LiRA online", {}), ("LiRA online, fixed variance", {"fix_variance": True}),
+                 ("LiRA offline", {"offline": True}), ("LiRA offline, fixed variance", {"offline": True, "fix_variance": True}))
 
 
 @dataclasses.dataclass(frozen=True)
 class AuditOptions:
+    """The audit's settings; its command-line flags are generated from these fields (`cli.py`)."""
+
     out_dir: Path | None = None
     dataset: str | None = None
     eval_size: int = 10
@@ -46,7 +52,7 @@ class AuditOptions:
 
 
 def check_options(options: AuditOptions) -> None:
-    """Refuses bad audit settings up front (before loading runs), naming mem_inf_stats.py's flag."""
+    """Refuses bad audit settings up front (before loading runs), naming the audit's flag."""
     if options.eval_size < 1:
         raise MedleakError(f"--eval_size must be ≥ 1, got {options.eval_size}")
     if not 0.0 < options.top_share <= 1.0:
@@ -61,6 +67,24 @@ def check_options(options: AuditOptions) -> None:
         raise MedleakError(f"--data_root={options.data_root} is not a directory (it is only needed for the image grid)")
 
 
+def check_dataset(options: AuditOptions, plan: dict, logdir) -> str:
+    """The dataset the audit is titled with: plan.json's; a different --dataset is a one-line error."""
+    planned = plan.get("dataset")
+    if options.dataset and planned is not None and options.dataset != planned:
+        raise MedleakError(f"--dataset={options.dataset} but {Path(logdir) / 'plan.json'} is a {planned} campaign; "
+                           f"drop --dataset (it defaults to plan.json's) or point --logdir at a {options.dataset} campaign")
+    return str(options.dataset or planned or Path(logdir).name)
+
+
+def make_out_dir(options: AuditOptions, default) -> Path:
+    out_dir = Path(options.out_dir) if options.out_dir else Path(default)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MedleakError(f"--out_dir={out_dir}: cannot create it ({e.strerror or e})") from None
+    return out_dir
+
+
 def split_targets(n_runs, eval_size):
     """(target rows, shadow rows): the last `eval_size` runs are targets, clamped to leave ≥ 2 shadows."""
     if eval_size < 1:
@@ -71,22 +95,80 @@ def split_targets(n_runs, eval_size):
     return np.arange(n_runs - n_targets, n_runs), slice(0, n_runs - n_targets)
 
 
-LIRA_VARIANTS = (("LiRA online", {}), ("LiRA online, fixed variance", {"fix_variance": True}),
-                 ("LiRA offline", {"offline": True}), ("LiRA offline, fixed variance", {"offline": True, "fix_variance": True}))
+@dataclasses.dataclass
+class RiskTables:
+    """Record and patient risk over all runs."""
+
+    record_table: pd.DataFrame  # record_risk.csv's rows in records.csv order (row i = record i)
+    patient_table: pd.DataFrame  # patient_risk.csv: most vulnerable first, with subgroup columns
+    attributes: pd.DataFrame  # patients (patient_table order) × subgroup and disease attributes
+
+    @property
+    def record_auc(self) -> np.ndarray:
+        return self.record_table["auc"].to_numpy()
+
+    @property
+    def patient_auc(self) -> np.ndarray:
+        return self.patient_table["auc_max"].to_numpy()
+
+
+@dataclasses.dataclass
+class Attacks:
+    """The attack step's results on the held-out targets."""
+
+    results: dict  # name → (summary dict, tpr curves (n_targets, len(FPR_GRID)))
+    extras: dict  # target runs, shadows, RMIA settings, warnings (go into attack_summary.json)
+    scores: dict  # name → (n_targets, n_records) membership scores
+    target_masks: np.ndarray  # (n_targets, n_records) bool: the targets' true membership
+
+
+@dataclasses.dataclass
+class SubgroupTables:
+    composition: pd.DataFrame  # composition_top_patients.csv
+    tests: dict  # attribute → χ² test of the top patients' composition
+    privacy: pd.DataFrame  # privacy_by_subgroup.csv
+    utility: pd.DataFrame | None  # utility_by_subgroup.csv (None without test logits)
 
 
 @dataclasses.dataclass
 class AuditResult:
+    """What one audit computed, so callers (`budgets.py`) need not re-read what it wrote."""
+
     summary: dict  # what attack_summary.json holds, plus the report path
+    record_table: pd.DataFrame  # RiskTables.record_table (records.csv order)
+    patient_table: pd.DataFrame  # RiskTables.patient_table
+    subgroups: SubgroupTables
     attack_scores: dict  # attack name → (n_targets, n_records) membership scores of the held-out targets
     target_masks: np.ndarray  # (n_targets, n_records) bool: the targets' true membership
 
 
-def attack_suite(campaign, options, split=None, stats=None):
-    """All attacks against the held-out targets.
+def record_risk_tables(campaign, split):
+    """The risk step: (RiskTables, the shadows' LiRA statistics), from one pass over the scores."""
+    records = campaign.records
+    moments, shadow_statistics = campaign_stats(campaign.scores, campaign.masks, split[1])
+    require_in_and_out(moments["n_in"], moments["n_out"], records["record_id"].to_numpy(), what=f"{campaign.n_runs} runs")
+    auc, se = record_auc_from_moments(moments)
+    del moments
+    n_in = campaign.masks.sum(axis=0)
+    record_table = pd.DataFrame({
+        "record_id": records["record_id"], "patient_id": records["patient_id"], "auc": auc, "auc_se": se,
+        "n_in": n_in, "n_out": campaign.n_runs - n_in,
+        "label": record_label_text(records, campaign.label_names, campaign.task),
+    })
+    for column in campaign.subgroups:
+        record_table[column] = records[column].to_numpy()
+    if "path" in records:
+        record_table["path"] = records["path"].to_numpy()
+    patients = patient_risk(auc, records["patient_id"].to_numpy())
+    attributes = patient_attributes(records, patients["patient_id"], campaign.subgroups, campaign.label_names, campaign.task)
+    patient_table = patients.join(attributes[campaign.subgroups], on="patient_id") if campaign.subgroups else patients
+    return RiskTables(record_table, patient_table, attributes), shadow_statistics
 
-    Returns ({name: (summary dict, tpr curves)}, extras, {name: (n_targets, n_records) scores}, target masks).
-    `split` (targets, shadows) and the shadows' LiRA `stats`, if already computed (`run_audit`
+
+def attack_suite(campaign, options, split=None, stats=None) -> Attacks:
+    """The attack step: every attack against the held-out targets.
+
+    `split` (targets, shadows) and the shadows' LiRA `stats`, if already computed (`audit_campaign`
     computes them in its pass over the scores, `campaign_stats`).
     """
     targets, shadows = split if split is not None else split_targets(campaign.n_runs, options.eval_size)
@@ -129,7 +211,47 @@ def attack_suite(campaign, options, split=None, stats=None):
     extras = {"target_runs": campaign.run_ids[targets].tolist(), "n_shadows": int(shadow_scores.shape[0]),
               "rmia_offline_a": a, "rmia_gamma": options.rmia_gamma, "rmia_trim": options.rmia_trim,
               "rmia_population": int(len(population)), "warnings": messages}
-    return results, extras, attack_scores, target_masks
+    return Attacks(results, extras, attack_scores, target_masks)
+
+
+def subgroup_tables(campaign, risk: RiskTables, top_share) -> SubgroupTables:
+    """The subgroup step: composition of the most vulnerable patients, privacy and utility per group."""
+    comp_table, comp_tests = composition(risk.attributes, risk.patient_auc, top_share)
+    utility = None
+    if campaign.test_logits is not None and campaign.test_records is not None:
+        utility = utility_by_subgroup(campaign.test_logits, campaign.test_labels, campaign.test_records,
+                                      campaign.subgroups, campaign.task)
+    return SubgroupTables(comp_table, comp_tests, privacy_by_subgroup(risk.attributes, risk.patient_auc), utility)
+
+
+def write_tables(out_dir, risk: RiskTables, groups: SubgroupTables) -> None:
+    write_csv(out_dir / "record_risk.csv", risk.record_table.sort_values("auc", ascending=False, kind="stable"))
+    write_csv(out_dir / "patient_risk.csv", risk.patient_table)
+    if groups.utility is not None:
+        write_csv(out_dir / "utility_by_subgroup.csv", groups.utility)
+    write_csv(out_dir / "composition_top_patients.csv", groups.composition)
+    write_csv(out_dir / "privacy_by_subgroup.csv", groups.privacy)
+
+
+def audit_figures(out_dir, risk: RiskTables, attacks: Attacks, groups: SubgroupTables, subgroups):
+    """The figures step: ({key: PNG path}, {attribute: file-name slug})."""
+    slugs = {attribute: re.sub(r"[^A-Za-z0-9]+", "_", attribute).strip("_") for attribute in risk.attributes.columns}
+    figs = {
+        "roc": figures.roc_figure({name: (curves, summary) for name, (summary, curves) in attacks.results.items()}, FPR_GRID, out_dir),
+        "esf_records": figures.esf_figure(risk.record_auc, out_dir, "esf_records", "Record-level risk", "records"),
+        "esf_patients": figures.esf_figure(risk.patient_auc, out_dir, "esf_patients", "Patient-level risk (worst image)", "patients"),
+    }
+    for attribute, slug in slugs.items():
+        values = risk.attributes[attribute].astype(str).to_numpy()
+        by_category = {c: risk.patient_auc[values == c] for c in np.unique(values)}
+        figs[f"group_esf_{slug}"] = figures.subgroup_esf_figure(by_category, out_dir, f"esf_by_{slug}", attribute)
+        figs[f"composition_{slug}"] = figures.composition_figure(groups.composition[groups.composition["attribute"] == attribute],
+                                                                 groups.tests[attribute], out_dir, f"composition_{slug}", attribute)
+        if groups.utility is not None and attribute in subgroups:
+            figs[f"utility_{slug}"] = figures.utility_privacy_figure(groups.utility[groups.utility["attribute"] == attribute],
+                                                                     groups.privacy[groups.privacy["attribute"] == attribute],
+                                                                     out_dir, f"utility_privacy_{slug}", attribute)
+    return figs, slugs
 
 
 def _read_image(data_root, relative_path):
@@ -144,185 +266,86 @@ def _read_image(data_root, relative_path):
         return np.asarray(image.convert("L") if image.mode not in ("RGB", "L") else image)
 
 
-def run_audit(logdir, options: AuditOptions = AuditOptions()):
-    """Runs the whole audit; returns the attack_summary dict (also written to out_dir)."""
-    check_options(options)
-    return audit_campaign(load_campaign(logdir, progress=options.progress), options).summary
+def _console(message):
+    print(message, flush=True)
 
 
-def audit_campaign(campaign, options: AuditOptions) -> AuditResult:
-    """The audit of a loaded campaign (`load.load_campaign`): writes every output to out_dir."""
-    dataset = options.dataset or campaign.dataset
-    out_dir = Path(options.out_dir) if options.out_dir else Path("figs") / dataset
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MedleakError(f"--out_dir={out_dir}: cannot create it ({e.strerror or e})") from None
-    records = campaign.records
+def vulnerable_images(out_dir, record_table, data_root, dataset, log=None):
+    """The image-grid step: (grid PNG path or None, [top image paths that could not be read]).
 
-    # --- record and patient risk over all runs; the attacks' shadow statistics in the same pass
-    split = split_targets(campaign.n_runs, options.eval_size)
-    moments, shadow_statistics = campaign_stats(campaign.scores, campaign.masks, split[1])
-    require_in_and_out(moments["n_in"], moments["n_out"], records["record_id"].to_numpy(), what=f"{campaign.n_runs} runs")
-    auc, se = record_auc_from_moments(moments)
-    del moments
-    record_table = pd.DataFrame({
-        "record_id": records["record_id"], "patient_id": records["patient_id"], "auc": auc, "auc_se": se,
-        "n_in": campaign.masks.sum(axis=0), "n_out": campaign.n_runs - campaign.masks.sum(axis=0),
-        "label": record_label_text(records, campaign.label_names, campaign.task),
-    })
-    for column in campaign.subgroups:
-        record_table[column] = records[column].to_numpy()
-    if "path" in records:
-        record_table["path"] = records["path"].to_numpy()
-    patients = patient_risk(auc, records["patient_id"].to_numpy())
-    attributes = patient_attributes(records, patients["patient_id"], campaign.subgroups, campaign.label_names, campaign.task)
-    patient_table = patients.join(attributes[campaign.subgroups], on="patient_id") if campaign.subgroups else patients
-    write_csv(out_dir / "record_risk.csv", record_table.sort_values("auc", ascending=False, kind="stable"))
-    write_csv(out_dir / "patient_risk.csv", patient_table)
+    When some of the top images are not found under `data_root`, one console line says so, naming
+    data_root and an example path (a data_root of another dataset would otherwise just drop the grid).
+    """
+    top = record_table.sort_values("auc", ascending=False, kind="stable").head(N_GRID_IMAGES)
+    images, captions, unreadable = [], [], []
+    for _, row in top.iterrows():
+        try:
+            image = _read_image(data_root, row["path"])
+        except (OSError, ValueError, IndexError):
+            image = None
+        if image is None:
+            unreadable.append(str(row["path"]))
+            continue
+        images.append(image)
+        captions.append(f"{row['patient_id']}\nAUC {row['auc']:.3f}")
+    if unreadable:
+        left_out = "the image grid is left out" if not images else f"the grid shows the other {len(images)}"
+        (log or _console)(f"--data_root={data_root}: {len(unreadable)} of the {len(top)} most vulnerable images were not found or "
+            f"unreadable under it (e.g. {Path(data_root) / unreadable[0]}); {left_out}. Is it the data root of this "
+            f"{dataset} campaign?")
+    return (figures.vulnerable_grid(images, captions, out_dir) if images else None), unreadable
 
-    # --- attacks against held-out targets
-    attacks, attack_extras, attack_scores, target_masks = attack_suite(campaign, options, split, shadow_statistics)
-    del shadow_statistics
 
-    # --- subgroups and diseases
-    comp_table, comp_tests = composition(attributes, patients["auc_max"].to_numpy(), options.top_share)
-    privacy_table = privacy_by_subgroup(attributes, patients["auc_max"].to_numpy())
-    utility_table = None
-    if campaign.test_logits is not None and campaign.test_records is not None:
-        utility_table = utility_by_subgroup(campaign.test_logits, campaign.test_labels, campaign.test_records, campaign.subgroups, campaign.task)
-        write_csv(out_dir / "utility_by_subgroup.csv", utility_table)
-    write_csv(out_dir / "composition_top_patients.csv", comp_table)
-    write_csv(out_dir / "privacy_by_subgroup.csv", privacy_table)
-
-    # --- figures
-    figs = {}
-    slugs = {attribute: re.sub(r"[^A-Za-z0-9]+", "_", attribute).strip("_") for attribute in attributes.columns}
-    figs["roc"] = figures.roc_figure({name: (curves, summary) for name, (summary, curves) in attacks.items()}, FPR_GRID, out_dir)
-    figs["esf_records"] = figures.esf_figure(auc, out_dir, "esf_records", "Record-level risk", "records")
-    figs["esf_patients"] = figures.esf_figure(patients["auc_max"].to_numpy(), out_dir, "esf_patients", "Patient-level risk (worst image)", "patients")
-    for attribute in attributes.columns:
-        slug = slugs[attribute]
-        values = attributes[attribute].astype(str).to_numpy()
-        groups = {c: patients["auc_max"].to_numpy()[values == c] for c in np.unique(values)}
-        figs[f"group_esf_{slug}"] = figures.subgroup_esf_figure(groups, out_dir, f"esf_by_{slug}", attribute)
-        figs[f"composition_{slug}"] = figures.composition_figure(comp_table[comp_table["attribute"] == attribute], comp_tests[attribute],
-                                                                 out_dir, f"composition_{slug}", attribute)
-        if utility_table is not None and attribute in campaign.subgroups:
-            figs[f"utility_{slug}"] = figures.utility_privacy_figure(utility_table[utility_table["attribute"] == attribute],
-                                                                     privacy_table[privacy_table["attribute"] == attribute],
-                                                                     out_dir, f"utility_privacy_{slug}", attribute)
-    notes = []
-    if options.data_root is not None and "path" in records:
-        top = record_table.sort_values("auc", ascending=False, kind="stable").head(N_GRID_IMAGES)
-        images, captions, unreadable = [], [], []
-        for _, row in top.iterrows():
-            try:
-                image = _read_image(options.data_root, row["path"])
-            except (OSError, ValueError, IndexError) as e:
-                image, _ = None, e
-            if image is None:
-                unreadable.append(str(row["path"]))
-                continue
-            images.append(image)
-            captions.append(f"{row['patient_id']}\nAUC {row['auc']:.3f}")
-        if unreadable:
-            notes.append(f"{len(unreadable)} of the top images could not be read under --data_root (e.g. {unreadable[0]})")
-        if images:
-            figs["vulnerable_images"] = figures.vulnerable_grid(images, captions, out_dir)
-
-    # --- tables
-    record_shares = share_above(auc)
-    patient_shares = share_above(patients["auc_max"].to_numpy())
-    summary = {
+def audit_summary(campaign, dataset, risk: RiskTables, attacks: Attacks, groups: SubgroupTables, top_share) -> dict:
+    """attack_summary.json."""
+    record_shares, patient_shares = share_above(risk.record_auc), share_above(risk.patient_auc)
+    return {
         "dataset": dataset,
         "logdir": str(Path(campaign.logdir)),
         "task": campaign.task,
         "n_runs": campaign.n_runs,
-        "n_records": int(len(records)),
-        "n_patients": int(len(patients)),
+        "n_records": int(len(campaign.records)),
+        "n_patients": int(len(risk.patient_table)),
         "n_views": int(campaign.scores.shape[2]),
         "skipped_runs": [{"run": int(r), "reason": why} for r, why in campaign.skipped],
-        "attacks": {name: summary_ for name, (summary_, _) in attacks.items()},
-        **attack_extras,
-        "record_auc": {"mean": float(auc.mean()), "median": float(np.median(auc)), "max": float(auc.max()),
-                       "share_above": {f"{t:g}": v for t, v in record_shares.items()}},
-        "patient_auc_max": {"mean": float(patients["auc_max"].mean()), "median": float(patients["auc_max"].median()),
-                            "max": float(patients["auc_max"].max()),
+        "attacks": {name: summary for name, (summary, _) in attacks.results.items()},
+        **attacks.extras,
+        "record_auc": {"mean": float(risk.record_auc.mean()), "median": float(np.median(risk.record_auc)),
+                       "max": float(risk.record_auc.max()), "share_above": {f"{t:g}": v for t, v in record_shares.items()}},
+        "patient_auc_max": {"mean": float(risk.patient_auc.mean()), "median": float(np.median(risk.patient_auc)),
+                            "max": float(risk.patient_auc.max()),
                             "share_above": {f"{t:g}": v for t, v in patient_shares.items()}},
-        "composition_tests": comp_tests,
-        "top_share": options.top_share,
+        "composition_tests": groups.tests,
+        "top_share": top_share,
     }
+
+
+def run_audit(logdir, options: AuditOptions = AuditOptions()):
+    """Runs the whole audit; returns the attack_summary dict (also written to out_dir)."""
+    check_options(options)
+    files = read_campaign_files(logdir)
+    check_dataset(options, files.plan, files.logdir)  # before the runs are read
+    return audit_campaign(score_campaign(files, progress=options.progress), options).summary
+
+
+def audit_campaign(campaign, options: AuditOptions) -> AuditResult:
+    """The audit of a scored campaign (`scoring.load_campaign`): writes every output to out_dir."""
+    dataset = check_dataset(options, campaign.plan, campaign.logdir)
+    out_dir = make_out_dir(options, Path("figs") / dataset)
+    split = split_targets(campaign.n_runs, options.eval_size)
+    risk, shadow_statistics = record_risk_tables(campaign, split)
+    attacks = attack_suite(campaign, options, split, shadow_statistics)
+    del shadow_statistics
+    groups = subgroup_tables(campaign, risk, options.top_share)
+    write_tables(out_dir, risk, groups)
+    figs, slugs = audit_figures(out_dir, risk, attacks, groups, campaign.subgroups)
+    unreadable = []
+    if options.data_root is not None and "path" in risk.record_table:
+        grid, unreadable = vulnerable_images(out_dir, risk.record_table, options.data_root, dataset)
+        if grid is not None:
+            figs["vulnerable_images"] = grid
+    summary = audit_summary(campaign, dataset, risk, attacks, groups, options.top_share)
     write_json(out_dir / "attack_summary.json", summary)
-    report_path = _write_report(out_dir, dataset, summary, attacks, patient_table, privacy_table, utility_table, figs, slugs, notes)
-    summary["report"] = str(report_path)
-    return AuditResult(summary, attack_scores, target_masks)
-
-
-def _pct(x):
-    return f"{100 * x:.1f} %"
-
-
-def _write_report(out_dir, dataset, summary, attacks, patient_table, privacy_table, utility_table, figs, slugs, notes):
-    best_name = max(attacks, key=lambda k: attacks[k][0]["auc"]["mean"])
-    best = attacks[best_name][0]
-    headline = [
-        ("Shadow models", f"{summary['n_runs']}", f"{summary['n_records']} images of {summary['n_patients']} patients"),
-        ("Strongest attack", f"AUC {best['auc']['mean']:.3f}", f"{best_name}; TPR {_pct(best['tpr_at_0.1%_fpr']['mean'])} at 0.1 % FPR"),
-        ("Patients at risk", _pct(summary["patient_auc_max"]["share_above"]["0.6"]), "have an image with attack AUC > 0.6"),
-        ("Highly exposed patients", _pct(summary["patient_auc_max"]["share_above"]["0.8"]), "have an image with attack AUC > 0.8"),
-        ("Most exposed patient", f"AUC {summary['patient_auc_max']['max']:.3f}", str(patient_table["patient_id"].iloc[0])),
-    ]
-    sections = []
-    attack_rows = pd.DataFrame([
-        {"attack": name, "AUC mean": s["auc"]["mean"], "AUC sd": s["auc"]["sd"],
-         "TPR @ 0.1 % FPR": s["tpr_at_0.1%_fpr"]["mean"], "TPR @ 1 % FPR": s["tpr_at_1%_fpr"]["mean"]}
-        for name, (s, _) in attacks.items()])
-    sections.append(("Attacks on held-out models", "".join((
-        report.table_html(attack_rows),
-        report.figure_html(figs["roc"], "ROC curves of each attack (mean ± sd over target models)",
-                           "Each curve trades false alarms (x) against caught members (y) for one attack. The dashed diagonal is "
-                           "guessing. What matters for privacy is the left edge of the log-log panel: a curve far above the "
-                           "diagonal at 0.1 % false-positive rate means some patients can be identified with confidence."),
-        f"<p>Targets: runs {summary['target_runs']} held out; {summary['n_shadows']} shadow models. "
-        f"RMIA offline a = {summary['rmia_offline_a']} (tuned on a shadow model).</p>"))))
-    shares = pd.DataFrame([{"AUC above": t, "records": summary["record_auc"]["share_above"][t],
-                            "patients": summary["patient_auc_max"]["share_above"][t]} for t in summary["record_auc"]["share_above"]])
-    sections.append(("Record and patient risk", "".join((
-        report.table_html(shares),
-        report.figure_html(figs["esf_records"], "Share of images whose attack AUC exceeds x",
-                           "Read a point (x, y) as: a share y of images can be attacked with AUC above x. The y-axis is "
-                           "logarithmic, so the rare, most exposed images are visible at the right; the shaded band is the "
-                           "95 % confidence interval."),
-        report.figure_html(figs["esf_patients"], "Share of patients whose most exposed image exceeds x",
-                           "The same for patients, each represented by their most exposed image: this is the number to "
-                           "discuss with a data-protection officer.")))))
-    top = patient_table.head(N_TOP_PATIENTS_SHOWN)
-    sections.append((f"The {len(top)} most vulnerable patients", report.table_html(top)))
-    parts = []
-    for attribute, slug in slugs.items():
-        parts.append(report.figure_html(figs[f"group_esf_{slug}"], f"Patient risk by {attribute}",
-                                        "One curve per group; a curve lying higher means that group's patients are more exposed."))
-        comp = figs.get(f"composition_{slug}")
-        if comp is not None:
-            parts.append(report.figure_html(comp, f"Who is among the top {_pct(summary['top_share'])} most vulnerable patients ({attribute})",
-                                            "Blue: the group's share of all patients; orange: its share among the most vulnerable. "
-                                            "Numbers are Pearson residuals: above +2 or below −2 the group is clearly over- or "
-                                            "under-represented; the title's χ² p-value tests the whole composition."))
-        util = figs.get(f"utility_{slug}")
-        if util is not None:
-            parts.append(report.figure_html(util, f"Utility and privacy side by side ({attribute})",
-                                            "Left: how well the models work for each group (test AUROC). Right: how exposed the "
-                                            "group's patients are. Fairness concerns both."))
-    sections.append(("Subgroups and diagnoses", "".join(parts) + report.table_html(privacy_table)))
-    if utility_table is not None:
-        sections.append(("Model utility by subgroup", report.table_html(utility_table)))
-    if "vulnerable_images" in figs:
-        sections.append(("Most vulnerable images", report.figure_html(
-            figs["vulnerable_images"], "Images with the highest record-level attack AUC",
-            "Outliers and unusual acquisitions are typically memorised first; these are the images a release would expose most.")))
-    if summary["skipped_runs"]:
-        notes = list(notes) + [f"Skipped runs: {summary['skipped_runs']}"]
-    notes = list(notes) + list(summary.get("warnings", []))
-    return report.write_report(out_dir / "report.html", dataset=dataset, headline=headline, sections=sections, notes=notes)
-
+    summary["report"] = str(report.audit_page(out_dir, summary, attacks.results, risk.patient_table, groups.privacy,
+                                              groups.utility, figs, slugs, unreadable))
+    return AuditResult(summary, risk.record_table, risk.patient_table, groups, attacks.scores, attacks.target_masks)

@@ -3,7 +3,7 @@
 `mem_inf_stats.py --logdir=a,b,c` calls; everything else here is a pure function.
 
 Per logdir: its guarantee (from the runs' metrics.json "dp"; ∞ when absent), test utility, the
-record/patient risk of its single audit (record_risk.csv, patient_risk.csv) and
+record/patient risk of its single audit (the tables `audit_campaign` returns) and
 
 - **the AUC bound its guarantee implies** (`medleak.dp.accounting`): runs differ slightly (each run
   calibrates σ for its own number of units and sampling rate q), so the bound is the largest over
@@ -40,14 +40,15 @@ from medleak.rundir import METRICS_FILE, list_complete_runs, run_dir
 from medleak.errors import MedleakError
 from medleak.io_utils import read_json, write_csv, write_json
 from medleak.privacy_utils import figures, report
-from medleak.privacy_utils.audit import LIRA_VARIANTS, AuditOptions, audit_campaign, check_options
-from medleak.privacy_utils.load import load_campaign, read_plan_files
+from medleak.privacy_utils.audit import (LIRA_VARIANTS, AuditOptions, audit_campaign, check_dataset, check_options,
+                                         make_out_dir)
+from medleak.privacy_utils.figures import epsilon_text
+from medleak.privacy_utils.load import read_plan_files
+from medleak.privacy_utils.report import INDEPENDENCE_NOTE
 from medleak.privacy_utils.roc import summarise_attack
+from medleak.privacy_utils.scoring import load_campaign
 
 MAX_BOUND_GROUPS = 8  # each group's bound composes a PLD over all steps (seconds): bounded work per logdir
-INDEPENDENCE_NOTE = ("empirical epsilon: one trial per patient of each held-out target model (record-level DP: single-image "
-                     "patients only); trials of one model share its training randomness and are not independent, so the "
-                     "lower bound is optimistic (a diagnostic)")
 
 
 # --------------------------------------------------------------------- reading the logdirs
@@ -271,16 +272,8 @@ def trial_units(patient_ids, unit):
     return codes
 
 
-def epsilon_axis(epsilons):
-    """x positions for ε on a log axis: ∞ sits one decade right of the largest finite ε."""
-    epsilons = np.asarray(epsilons, dtype=np.float64)
-    finite = epsilons[np.isfinite(epsilons)]
-    infinity = 10.0 * finite.max() if finite.size else 1.0
-    return np.where(np.isfinite(epsilons), epsilons, infinity)
-
-
 def budget_row(label, facts, utility, record_table, patient_table, bound, patient_bound, empirical, n_trials, attack):
-    """One row of budgets.csv (see `BUDGET_COLUMNS`)."""
+    """One row of budgets.csv (its columns, in order, are this dict's keys)."""
     auc, se = record_table["auc"].to_numpy(float), record_table["auc_se"].to_numpy(float)
     patient_auc = patient_table["auc_max"].to_numpy(float)
     return dict(
@@ -318,36 +311,31 @@ def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
         raise MedleakError("--logdir: the comparison across budgets needs at least 2 comma-separated logdirs")
     plans = [read_plan_files(p)[0] for p in logdirs]  # one-line errors for a missing/bad logdir, before any work
     check_same_dataset(plans, logdirs)
-    dataset = options.dataset or str(plans[0].get("dataset", logdirs[0].name))
-    out_dir = Path(options.out_dir) if options.out_dir else Path("figs") / f"{dataset}_dp"
+    dataset = check_dataset(options, plans[0], logdirs[0])
     budgets = []
     for logdir, label in zip(logdirs, logdir_labels(logdirs)):
         metrics = read_run_metrics(logdir)
         budgets.append(_Budget(logdir, label, guarantee([m.get("dp") for m in metrics], source=str(logdir)), metrics))
     budgets.sort(key=lambda b: (b.facts["target_epsilon"], b.label))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MedleakError(f"--out_dir={out_dir}: cannot create it ({e.strerror or e})") from None
+    out_dir = make_out_dir(options, Path("figs") / f"{dataset}_dp")
 
     rows, record_curves, patient_curves, subgroup_rows = [], [], [], []
     for budget in tqdm(budgets, desc="budgets", unit="logdir", disable=not options.progress):
         single_dir = out_dir / budget.label
-        campaign = load_campaign(budget.logdir, progress=options.progress)
-        audit = audit_campaign(campaign, dataclasses.replace(options, out_dir=single_dir, dataset=dataset))
-        record_table = pd.read_csv(single_dir / "record_risk.csv", dtype={"record_id": str, "patient_id": str}, keep_default_na=False)
-        patient_table = pd.read_csv(single_dir / "patient_risk.csv", dtype={"patient_id": str}, keep_default_na=False)
+        audit = audit_campaign(load_campaign(budget.logdir, progress=options.progress),
+                               dataclasses.replace(options, out_dir=single_dir, dataset=dataset))
+        record_table, patient_table = audit.record_table, audit.patient_table
         bound = auc_bound(budget.facts)
         p_bounds = patient_bounds(budget.facts, bound, patient_table["n_records"].to_numpy())
-        units = trial_units(campaign.records["patient_id"].to_numpy(), budget.facts["unit"])
+        units = trial_units(record_table["patient_id"].to_numpy(), budget.facts["unit"])
         attack, in_scores, out_scores, n_candidates = strongest_attack_scores(audit.attack_scores, audit.target_masks, units)
-        del campaign, audit
+        del audit
         delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else 1.0 / len(patient_table)
         empirical = (empirical_epsilon_lower_bound(in_scores, out_scores, delta, significance=0.05 / n_candidates)
                      if in_scores.size and out_scores.size else math.nan)
         rows.append(budget_row(budget.label, budget.facts, utility_summary(budget.metrics), record_table, patient_table,
                                bound, p_bounds, empirical, in_scores.size + out_scores.size, attack))
-        name = _epsilon_text(budget.facts["target_epsilon"])
+        name = epsilon_text(budget.facts["target_epsilon"])
         finite = math.isfinite(budget.facts["target_epsilon"])
         record_curves.append((f"ε = {name} ({budget.facts['unit']}-level)" if finite else "ε = ∞ (no DP)",
                               record_table["auc"].to_numpy(float), bound if finite else None))
@@ -379,63 +367,5 @@ def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
     summary = {"dataset": dataset, "logdirs": [str(b.logdir) for b in budgets], "labels": [b.label for b in budgets],
                "budgets": table.drop(columns=["note"]).to_dict(orient="records"), "note": INDEPENDENCE_NOTE}
     write_json(out_dir / "budgets.json", summary)
-    summary["report"] = str(_write_budget_report(out_dir, dataset, table, subgroup_table, figs))
+    summary["report"] = str(report.budget_page(out_dir, dataset, table, subgroup_table, figs))
     return summary
-
-
-def _epsilon_text(epsilon):
-    return "∞" if not math.isfinite(epsilon) else f"{epsilon:g}"
-
-
-def _write_budget_report(out_dir, dataset, table, subgroup_table, figs):
-    shown = pd.DataFrame({
-        "ε target": [_epsilon_text(e) for e in table["target_epsilon"]], "ε spent": table["spent_epsilon"],
-        "δ": [f"{d:.2g}" for d in table["delta"]], "unit": table["unit"], "σ": table["sigma_min"],
-        "test AUROC": [f"{m:.3f} ± {s:.3f}" for m, s in zip(table["test_auroc_mean"], table["test_auroc_sd"])],
-        "AUC bound": table["auc_bound"], "records > bound": table["share_records_above_bound"],
-        "patients > bound": table["share_patients_above_bound"], "max record AUC": table["max_record_auc"],
-        "empirical ε ≥": table["empirical_epsilon_lb"], "attack": table["attack"],
-    })
-    record_level = (table["unit"] == "record").any()
-    headline = [
-        ("Budgets compared", str(len(table)), ", ".join(_epsilon_text(e) for e in table["target_epsilon"])),
-        ("Strictest budget", f"ε = {_epsilon_text(table['target_epsilon'].iloc[0])}",
-         f"test AUROC {table['test_auroc_mean'].iloc[0]:.3f}; max record AUC {table['max_record_auc'].iloc[0]:.3f}"),
-        ("Reference (largest ε)", f"ε = {_epsilon_text(table['target_epsilon'].iloc[-1])}",
-         f"test AUROC {table['test_auroc_mean'].iloc[-1]:.3f}; max record AUC {table['max_record_auc'].iloc[-1]:.3f}"),
-    ]
-    unit_text = ("<p><b>Which unit is protected.</b> Record-level DP protects one image. A patient with k images "
-                 "is then protected only through group privacy, roughly (kε, k·e<sup>(k−1)ε</sup>·δ), which is much "
-                 "weaker; the dashed lines of the patient-level figure for record-level campaigns are those group "
-                 "bounds. The patient-level risk of this audit (patients are IN or OUT as a whole) should be compared "
-                 "with a <i>patient-level</i> guarantee (<code>--dp_unit=patient</code>). Strictly, the same holds for a "
-                 "record of a multi-image patient: its IN/OUT models differ by all of the patient's images, so the "
-                 "single-image bound describes the guarantee, not a hard limit for that record's AUC in this audit.</p>")
-    sections = [
-        ("Privacy budgets", report.table_html(shown) + unit_text + (
-            "<p>The AUC bound is what the guarantee implies for any membership test on one unit (from the trained "
-            "models' privacy profile, for the weakest run). Records whose estimated AUC exceeds it by more than two "
-            "standard errors would contradict the guarantee; a few above it are expected from estimation noise. "
-            "<b>Empirical ε.</b> A Clopper–Pearson lower bound (95 %, Bonferroni over thresholds and attacks) from the "
-            "strongest LiRA or loss-threshold attack "
-            f"on held-out models (RMIA is not re-run here); {INDEPENDENCE_NOTE}.</p>")),
-        ("Risk per budget", "".join((
-            report.figure_html(figs["esf_records"], "Record-level risk per ε, with each guarantee's AUC bound",
-                               "Each curve is the share of images whose attack AUC exceeds x (log scale, 95 % band). "
-                               "The vertical line of the same colour is the largest AUC the guarantee allows: the curve "
-                               "should drop to zero left of it."),
-            report.figure_html(figs["esf_patients"], "Patient-level risk per ε, with patient-level bounds",
-                               "Share of patients whose worst image has attack AUC above x. For record-level DP the "
-                               "line is the group-privacy bound of the patient with the most images."),
-        ))),
-        ("Utility against ε", "".join(
-            [report.figure_html(figs["utility"], "Test utility against ε",
-                                "Mean ± sd over the shadow models of test macro AUROC and accuracy; ∞ is ordinary training.")]
-            + [report.figure_html(path, f"Utility per subgroup against ε ({key[len('subgroup_'):]})",
-                                  "Test macro AUROC per subgroup value: DP often costs small groups more.")
-               for key, path in figs.items() if key.startswith("subgroup_")]
-            + [report.table_html(subgroup_table)])),
-    ]
-    notes = ["Record-level guarantees on patients with several images: see 'Which unit is protected'."] if record_level else []
-    return report.write_report(out_dir / "budgets.html", dataset=f"{dataset}: privacy budgets", headline=headline,
-                               sections=sections, notes=notes)

@@ -161,17 +161,28 @@ def budget_esf_figure(curves, out_dir, name, title, unit):
     return save(fig, out_dir, name)
 
 
+def epsilon_axis(epsilons):
+    """x positions for ε on a log axis: ∞ sits one decade right of the largest finite ε."""
+    epsilons = np.asarray(epsilons, dtype=np.float64)
+    finite = epsilons[np.isfinite(epsilons)]
+    infinity = 10.0 * finite.max() if finite.size else 1.0
+    return np.where(np.isfinite(epsilons), epsilons, infinity)
+
+
+def epsilon_text(epsilon) -> str:
+    """ε as shown in legends, ticks and pages: `8`, `0.5`, `∞`."""
+    return "∞" if not np.isfinite(epsilon) else f"{epsilon:g}"
+
+
 def _epsilon_ticks(ax, epsilons, positions):
     ax.set_xscale("log")
-    ax.set_xticks(positions, ["∞" if not np.isfinite(e) else f"{e:g}" for e in epsilons])
+    ax.set_xticks(positions, [epsilon_text(e) for e in epsilons])
     ax.minorticks_off()
     ax.set_xlabel("privacy budget ε (∞ = no DP)")
 
 
 def utility_vs_epsilon_figure(table, out_dir, name):
     """Test macro AUROC and accuracy (mean ± sd over runs) against ε; table: budgets.csv rows."""
-    from medleak.privacy_utils.budgets import epsilon_axis
-
     order = np.argsort(epsilon_axis(table["target_epsilon"]), kind="stable")
     epsilons = table["target_epsilon"].to_numpy(float)[order]
     x = epsilon_axis(epsilons)
@@ -189,8 +200,6 @@ def utility_vs_epsilon_figure(table, out_dir, name):
 
 def subgroup_utility_vs_epsilon_figure(table, out_dir, name, attribute):
     """Test macro AUROC per category of `attribute` against ε; table rows: target_epsilon, category, auroc_mean/sd."""
-    from medleak.privacy_utils.budgets import epsilon_axis
-
     all_epsilons = np.unique(table["target_epsilon"].to_numpy(float))
     all_x = epsilon_axis(all_epsilons)
     position = dict(zip(all_epsilons.tolist(), all_x.tolist()))

@@ -1,58 +1,76 @@
-"""Reads a campaign logdir (format: docs/ARCHITECTURE.md "Run directory") into score arrays.
+"""Reads and validates a campaign logdir (format: docs/ARCHITECTURE.md "Run directory", file names in
+`medleak.rundir`); turning its logits into scores is the next step (`scoring.py`).
 
-Streaming: each run's `train_logits.npy` (N, V, C) is memory-mapped and turned into LiRA scores
-chunk by chunk, straight into one preallocated float32 (n_runs, N, V) array, so memory is bounded
-by the score array, not by all logits. RMIA's p is recovered from it when needed
-(`scores.rmia_from_lira`: LiRA = logit(p) exactly). Test logits (small) are kept for utility.
+Three steps: `read_campaign_files` (plan.json, records.csv, test_records.csv), `discover_runs` (the
+complete run directories, minus those missing a file) and `validate_run` (one run's arrays against
+the plan files). A validated run keeps only its small arrays (record mask, test logits) and the path
+of its train logits, which the scoring step memory-maps chunk by chunk.
 
 Tolerant of extra files and directories; strict about shapes and labels: every run must agree
 with records.csv / test_records.csv and plan.json. Runs that are incomplete (a file missing or
-unreadable) or hold NaN/inf logits are skipped with one warning that lists them.
+unreadable) or hold NaN/inf logits are skipped (and listed by the caller in one warning).
 """
 
 import dataclasses
-import warnings
+import functools
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from medleak.rundir import read_plan
-from medleak.rundir import RUN_FILES, list_complete_runs, run_dir
-from medleak.data_utils.records import read_csv, require_columns
+from medleak.data_utils.records import TASKS, read_csv, require_columns
 from medleak.errors import MedleakError
 from medleak.io_utils import load_npy
-from medleak.privacy_utils.scores import TASKS, lira_scores
+from medleak.rundir import (MASK_FILE, PATIENTS_FILE, PLAN_FILE, RECORDS_FILE, RUN_FILES, RUNS_DIR, TEST_RECORDS_FILE,
+                            list_complete_runs, read_plan, run_dir)
 
-SCORE_CHUNK = 8192  # records per scoring chunk: bounded float64 temporaries
+SKIP_NON_FINITE = "NaN/inf logits"  # the reason a run with non-finite logits is skipped
 
 
 @dataclasses.dataclass
-class Campaign:
-    """Everything the audit needs from a logdir."""
+class CampaignFiles:
+    """A logdir's plan files: what every run is checked against."""
 
     logdir: Path
     plan: dict
-    dataset: str
-    task: str
-    label_names: list
-    subgroups: list
     records: pd.DataFrame  # records.csv: row i is logit row i
     test_records: pd.DataFrame | None
-    run_ids: np.ndarray  # (n_runs,) run index of each row below
-    scores: np.ndarray  # (n_runs, N, V) float32 LiRA scores
-    masks: np.ndarray  # (n_runs, N) bool: record was IN for the run
-    test_logits: np.ndarray | None  # (n_runs, n_test, C) float32
-    test_labels: np.ndarray | None  # (n_test, C) float32
-    skipped: list  # [(run index, reason)]
 
     @property
-    def n_runs(self) -> int:
-        return len(self.run_ids)
+    def dataset(self) -> str:
+        return str(self.plan.get("dataset", self.logdir.name))
 
+    @property
+    def task(self) -> str:
+        return self.plan["task"]
+
+    @property
+    def label_names(self) -> list:
+        return list(self.plan["label_names"])
+
+    @property
+    def subgroups(self) -> list:
+        return list(self.plan.get("subgroups", []))
+
+    @functools.cached_property
     def train_labels(self) -> np.ndarray:
         return self.records[self.label_names].to_numpy(dtype=np.float32)
+
+    @functools.cached_property
+    def test_labels(self) -> np.ndarray | None:
+        return None if self.test_records is None else self.test_records[self.label_names].to_numpy(dtype=np.float32)
+
+
+@dataclasses.dataclass
+class RunFiles:
+    """One validated run: its train logits stay on disk until they are scored."""
+
+    run: int
+    train_logits_path: Path
+    n_views: int
+    mask: np.ndarray  # (N,) bool
+    test_logits: np.ndarray | None  # (n_test, C) float32
 
 
 def _read_table(path, label_names, subgroups):
@@ -69,10 +87,16 @@ def _read_table(path, label_names, subgroups):
 
 def read_plan_files(logdir):
     """(plan, records, test_records or None) with one-line errors for a logdir that is not a campaign."""
+    files = read_campaign_files(logdir)
+    return files.plan, files.records, files.test_records
+
+
+def read_campaign_files(logdir) -> CampaignFiles:
+    """The plan files of `logdir`, with one-line errors for a logdir that is not a campaign."""
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise MedleakError(f"--logdir={logdir}: no such directory")
-    plan_path = logdir / "plan.json"
+    plan_path = logdir / PLAN_FILE
     if not plan_path.is_file():
         raise MedleakError(f"{plan_path}: missing; --logdir must be a campaign logdir written by a dataset script (e.g. chexpert.py)")
     plan = read_plan(logdir)
@@ -82,126 +106,91 @@ def read_plan_files(logdir):
     if plan["task"] not in TASKS:
         raise MedleakError(f"{plan_path}: task must be one of {TASKS}, got {plan['task']!r}")
     label_names, subgroups = list(plan["label_names"]), list(plan.get("subgroups", []))
-    records = _read_table(logdir / "records.csv", label_names, subgroups)
-    test_path = logdir / "test_records.csv"
+    records = _read_table(logdir / RECORDS_FILE, label_names, subgroups)
+    test_path = logdir / TEST_RECORDS_FILE
     test_records = _read_table(test_path, label_names, subgroups) if test_path.is_file() else None
-    return plan, records, test_records
+    return CampaignFiles(logdir, plan, records, test_records)
 
 
-def _expected_masks(logdir, records, run_ids):
-    """Record masks implied by patient_mask.npy + patients.csv (None when those are absent)."""
-    mask_path, patients_path = Path(logdir) / "patient_mask.npy", Path(logdir) / "patients.csv"
-    if not (mask_path.is_file() and patients_path.is_file()):
-        return None
-    patient_mask = load_npy(mask_path)
-    patients = read_csv(patients_path, dtype={"patient_id": str}, keep_default_na=False)["patient_id"]
-    position = pd.Series(np.arange(len(patients)), index=patients.to_numpy())
-    index = position.reindex(records["patient_id"].to_numpy()).to_numpy()
-    if np.isnan(index).any() or patient_mask.ndim != 2 or patient_mask.shape[1] != len(patients):
-        raise MedleakError(f"{mask_path}: does not match {patients_path} and records.csv; the plan files are inconsistent")
-    if max(run_ids, default=-1) >= patient_mask.shape[0]:
-        raise MedleakError(f"{mask_path}: has {patient_mask.shape[0]} runs but run_{max(run_ids):04d} exists")
-    return lambda run: patient_mask[run][index.astype(np.int64)]
-
-
-def load_campaign(logdir, *, progress=True) -> Campaign:
-    """Loads every complete run of `logdir` (see module doc). Raises MedleakError on bad input."""
-    logdir = Path(logdir)
-    plan, records, test_records = read_plan_files(logdir)
-    label_names, task = list(plan["label_names"]), plan["task"]
-    train_labels = records[label_names].to_numpy(dtype=np.float32)
-    test_labels = None if test_records is None else test_records[label_names].to_numpy(dtype=np.float32)
-    n_records, n_classes = train_labels.shape
-
+def discover_runs(logdir):
+    """(runs with every file, [(run, reason)] of complete runs missing one); error when there is none."""
     candidates = list_complete_runs(logdir)
     if not candidates:
-        raise MedleakError(f"{logdir / 'runs'}: no complete runs yet; train shadow models first (the dataset script with --logdir={logdir})")
-    skipped = []
-    usable = []
+        raise MedleakError(f"{Path(logdir) / RUNS_DIR}: no complete runs yet; train shadow models first "
+                           f"(the dataset script with --logdir={logdir})")
+    usable, skipped = [], []
     for run in candidates:
         missing = [f for f in RUN_FILES if not (run_dir(logdir, run) / f).is_file()]
         if missing:
             skipped.append((run, f"missing {', '.join(missing)}"))
         else:
             usable.append(run)
-    expected_mask = _expected_masks(logdir, records, usable)
+    return usable, skipped
 
-    n_views = None
-    scores = masks = test_logits = None
-    kept = []
-    for run in tqdm(usable, desc="loading runs", unit="run", disable=not progress):
-        path = run_dir(logdir, run)
-        try:
-            logits = load_npy(path / "train_logits.npy", mmap=True)
-            labels = load_npy(path / "train_labels.npy")
-            mask = load_npy(path / "record_mask.npy")
-            run_test_logits = load_npy(path / "test_logits.npy")
-            run_test_labels = load_npy(path / "test_labels.npy")
-        except (ValueError, OSError) as e:
-            skipped.append((run, f"unreadable ({str(e).splitlines()[0]})"))
-            continue
-        if logits.ndim != 3 or logits.shape[0] != n_records or logits.shape[2] != n_classes:
-            raise MedleakError(
-                f"{path / 'train_logits.npy'}: shape {logits.shape}, expected ({n_records}, n_views, {n_classes}) "
-                "from records.csv and plan.json label_names"
-            )
-        if labels.shape != train_labels.shape or not np.array_equal(labels, train_labels):
-            raise MedleakError(f"{path / 'train_labels.npy'}: labels differ from {logdir / 'records.csv'}; the run belongs to another dataset or plan")
-        if mask.shape != (n_records,) or mask.dtype != bool:
-            raise MedleakError(f"{path / 'record_mask.npy'}: expected bool ({n_records},), got {mask.dtype} {mask.shape}")
-        if expected_mask is not None and not np.array_equal(mask, expected_mask(run)):
-            raise MedleakError(f"{path / 'record_mask.npy'}: differs from row {run} of patient_mask.npy; the run was trained on another plan")
-        if n_views is None:
-            n_views = logits.shape[1]
-            scores = np.empty((len(usable), n_records, n_views), dtype=np.float32)
-            masks = np.empty((len(usable), n_records), dtype=bool)
-        elif logits.shape[1] != n_views:
-            raise MedleakError(f"{path / 'train_logits.npy'}: {logits.shape[1]} views, other runs have {n_views}")
-        if test_labels is not None:
-            if run_test_logits.shape != test_labels.shape:
-                raise MedleakError(f"{path / 'test_logits.npy'}: shape {run_test_logits.shape}, expected {test_labels.shape} from test_records.csv")
-            if not np.array_equal(run_test_labels, test_labels):
-                raise MedleakError(f"{path / 'test_labels.npy'}: labels differ from {logdir / 'test_records.csv'}")
-        row = len(kept)
-        finite = np.isfinite(run_test_logits).all()
-        for start in range(0, n_records, SCORE_CHUNK):
-            chunk = np.asarray(logits[start:start + SCORE_CHUNK])
-            if not np.isfinite(chunk).all():
-                finite = False
-                break
-            scores[row, start:start + SCORE_CHUNK] = lira_scores(chunk, train_labels[start:start + SCORE_CHUNK], task=task)
-        if not finite:
-            skipped.append((run, "NaN/inf logits"))
-            continue
-        masks[row] = mask
-        if test_labels is not None:
-            if test_logits is None:
-                test_logits = np.empty((len(usable),) + test_labels.shape, dtype=np.float32)
-            test_logits[row] = run_test_logits
-        kept.append(run)
 
-    if skipped:
-        listed = "; ".join(f"run_{run:04d} ({why})" for run, why in skipped)
-        warnings.warn(f"skipped {len(skipped)} run(s): {listed}", stacklevel=2)
-    if len(kept) < 2:
-        raise MedleakError(
-            f"{logdir}: {len(kept)} usable run(s); the audit compares models that did and did not train on each "
-            "record, so it needs at least 2 (16 or more for stable per-record risk)"
-        )
-    n = len(kept)
-    return Campaign(
-        logdir=logdir,
-        plan=plan,
-        dataset=str(plan.get("dataset", logdir.name)),
-        task=task,
-        label_names=label_names,
-        subgroups=list(plan.get("subgroups", [])),
-        records=records,
-        test_records=test_records,
-        run_ids=np.array(kept),
-        scores=scores[:n],
-        masks=masks[:n],
-        test_logits=None if test_logits is None else test_logits[:n],
-        test_labels=test_labels,
-        skipped=skipped,
-    )
+def expected_masks(files: CampaignFiles, run_ids):
+    """run → record mask implied by patient_mask.npy + patients.csv (None when those are absent)."""
+    mask_path, patients_path = files.logdir / MASK_FILE, files.logdir / PATIENTS_FILE
+    if not (mask_path.is_file() and patients_path.is_file()):
+        return None
+    patient_mask = load_npy(mask_path)
+    patients = read_csv(patients_path, dtype={"patient_id": str}, keep_default_na=False)["patient_id"]
+    position = pd.Series(np.arange(len(patients)), index=patients.to_numpy())
+    index = position.reindex(files.records["patient_id"].to_numpy()).to_numpy()
+    if np.isnan(index).any() or patient_mask.ndim != 2 or patient_mask.shape[1] != len(patients):
+        raise MedleakError(f"{mask_path}: does not match {patients_path} and {RECORDS_FILE}; the plan files are inconsistent")
+    if max(run_ids, default=-1) >= patient_mask.shape[0]:
+        raise MedleakError(f"{mask_path}: has {patient_mask.shape[0]} runs but run_{max(run_ids):04d} exists")
+    return lambda run: patient_mask[run][index.astype(np.int64)]
+
+
+def validate_run(files: CampaignFiles, run: int, expected_mask=None):
+    """(RunFiles, None) for a run that agrees with the plan files, (None, reason) for one to skip;
+    MedleakError for a run of another plan or dataset (shapes, labels or mask differ)."""
+    path = run_dir(files.logdir, run)
+    train_labels, test_labels = files.train_labels, files.test_labels
+    n_records, n_classes = train_labels.shape
+    try:
+        logits = load_npy(path / "train_logits.npy", mmap=True)
+        labels = load_npy(path / "train_labels.npy")
+        mask = load_npy(path / "record_mask.npy")
+        test_logits = load_npy(path / "test_logits.npy")
+        run_test_labels = load_npy(path / "test_labels.npy")
+    except (ValueError, OSError) as e:
+        return None, f"unreadable ({str(e).splitlines()[0]})"
+    if logits.ndim != 3 or logits.shape[0] != n_records or logits.shape[2] != n_classes:
+        raise MedleakError(f"{path / 'train_logits.npy'}: shape {logits.shape}, expected ({n_records}, n_views, {n_classes}) "
+                           f"from {RECORDS_FILE} and {PLAN_FILE} label_names")
+    if labels.shape != train_labels.shape or not np.array_equal(labels, train_labels):
+        raise MedleakError(f"{path / 'train_labels.npy'}: labels differ from {files.logdir / RECORDS_FILE}; "
+                           "the run belongs to another dataset or plan")
+    if mask.shape != (n_records,) or mask.dtype != bool:
+        raise MedleakError(f"{path / 'record_mask.npy'}: expected bool ({n_records},), got {mask.dtype} {mask.shape}")
+    if expected_mask is not None and not np.array_equal(mask, expected_mask(run)):
+        raise MedleakError(f"{path / 'record_mask.npy'}: differs from row {run} of {MASK_FILE}; the run was trained on another plan")
+    if test_labels is not None:
+        if test_logits.shape != test_labels.shape:
+            raise MedleakError(f"{path / 'test_logits.npy'}: shape {test_logits.shape}, expected {test_labels.shape} "
+                               f"from {TEST_RECORDS_FILE}")
+        if not np.array_equal(run_test_labels, test_labels):
+            raise MedleakError(f"{path / 'test_labels.npy'}: labels differ from {files.logdir / TEST_RECORDS_FILE}")
+    if not np.isfinite(test_logits).all():
+        return None, SKIP_NON_FINITE
+    return RunFiles(run, path / "train_logits.npy", int(logits.shape[1]), mask,
+                    None if test_labels is None else np.asarray(test_logits, dtype=np.float32)), None
+
+
+def validate_runs(files: CampaignFiles, *, progress=True):
+    """([RunFiles] of the usable runs in run order, [(run, reason)] skipped); all runs must agree on views."""
+    usable, skipped = discover_runs(files.logdir)
+    expected_mask = expected_masks(files, usable)
+    runs = []
+    for run in tqdm(usable, desc="reading runs", unit="run", disable=not progress):
+        run_files, reason = validate_run(files, run, expected_mask)
+        if run_files is None:
+            skipped.append((run, reason))
+            continue
+        if runs and run_files.n_views != runs[0].n_views:
+            raise MedleakError(f"{run_files.train_logits_path}: {run_files.n_views} views, other runs have {runs[0].n_views}")
+        runs.append(run_files)
+    return runs, skipped

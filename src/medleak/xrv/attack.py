@@ -28,7 +28,7 @@ from medleak.errors import MedleakError
 from medleak.io_utils import write_csv, write_json
 from medleak.privacy_utils import figures, roc, subgroups
 from medleak.privacy_utils.lira import lira
-from medleak.privacy_utils.load import load_campaign
+from medleak.privacy_utils.scoring import load_campaign
 from medleak.privacy_utils.risk import patient_risk
 from medleak.privacy_utils.rmia import DEFAULT_GAMMA, population_indices, rmia, tune_offline_a
 from medleak.privacy_utils.scores import rmia_from_lira
