@@ -2,7 +2,7 @@
 
 Torch-free, so the attack stage (and its tests) can read and write it without torch. Each model is
 one run: run 0 the target (its `record_mask` = membership), run 1 the reference (all False). The
-plan files make it loadable by `medleak.privacy_utils.load.load_campaign` like a shadow-model campaign.
+plan files make it loadable by `medleak.privacy_utils.scoring.load_campaign` like a shadow-model campaign.
 A logdir is built under a temporary name and renamed into place only when complete.
 """
 
