@@ -179,3 +179,101 @@ def test_records_without_shadows_in_a_group_borrow_a_gaussian_with_a_warning():
     with pytest.warns(UserWarning, match="no IN or no OUT"):
         result = attack_targets(scores, masks, [0, 1], variant="lira_online")
     assert np.isfinite(result).all()
+
+
+# ---------------------------------------------------------------- null campaigns: chance, and only chance
+
+# 6 variants × 4 campaign sizes × (AUC, TPR) = 48 checks: each allows 3.3 SE (Bonferroni for 48
+# checks at 5 %; 2 SE per check would fail one of them by chance on most seeds).
+Z_FAMILY = 3.3
+JACKKNIFE_GROUPS = 20
+
+
+def fast_auc(scores, members):
+    """Mann–Whitney AUC (ties count one half) of one target's records."""
+    ranks = scipy_stats.rankdata(scores)
+    n_pos = members.sum()
+    return (ranks[members].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(members) - n_pos))
+
+
+def mean_auc_and_se(attack, target_masks, record_patient):
+    """Mean AUC over targets and its grouped (delete-a-group-of-patients) jackknife SE.
+
+    Targets share records and shadow models, so their AUCs are correlated and sd/√n_targets
+    understates the spread; deleting whole patient groups keeps that dependence.
+    """
+    group = record_patient % JACKKNIFE_GROUPS
+    full = np.mean([fast_auc(s, m) for s, m in zip(attack, target_masks)])
+    leave_out = np.array([np.mean([fast_auc(s[group != g], m[group != g]) for s, m in zip(attack, target_masks)])
+                          for g in range(JACKKNIFE_GROUPS)])
+    se = math.sqrt((JACKKNIFE_GROUPS - 1) / JACKKNIFE_GROUPS * np.sum((leave_out - leave_out.mean()) ** 2))
+    return full, se
+
+
+def null_campaign_attacks(n_runs, seed):
+    scores, masks, record_patient = exact_k_campaign(n_runs, 200, seed=seed)
+    targets = np.arange(n_runs)
+    return attack_targets(scores, masks, targets, variant=VARIANTS, rmia_transform=rmia_from_lira, n_population=1000), masks, record_patient
+
+
+@pytest.mark.parametrize("n_runs", [8, 16, 32, 64])
+def test_every_attack_is_at_chance_on_a_null_campaign(n_runs):
+    attacks, masks, record_patient = null_campaign_attacks(n_runs, seed=n_runs)
+    n_pos = masks.sum(axis=1).mean()
+    n_neg = masks.shape[1] - n_pos
+    # TPR at 1 % FPR of one target: binomial noise of the members above the threshold plus that of
+    # the threshold itself (the non-members' 99th percentile); targets averaged.
+    tpr_se = math.sqrt(0.01 * 0.99 * (1 / n_pos + 1 / n_neg) / n_runs)
+    for name in VARIANTS:
+        auc, se = mean_auc_and_se(attacks[name], masks, record_patient)
+        assert abs(auc - 0.5) <= Z_FAMILY * se, f"{name} at {n_runs} runs: AUC {auc:.4f} ± {se:.4f}"
+        summary, _ = summarise_attack(attacks[name], masks)
+        tpr = summary["tpr_at_1%_fpr"]["mean"]
+        assert abs(tpr - 0.01) <= Z_FAMILY * tpr_se, f"{name} at {n_runs} runs: TPR@1%FPR {tpr:.4f} (CI 0.01 ± {Z_FAMILY * tpr_se:.4f})"
+
+
+def test_shared_shadows_are_biased_on_the_same_null_campaign():
+    """The old design (last 10 runs targets, the other 6 shared shadows) is visibly below chance."""
+    scores, masks, record_patient = exact_k_campaign(16, 200, seed=16)
+    shared = lira_from_stats(shadow_stats(scores[:6], masks[:6]), scores[6:])
+    auc, se = mean_auc_and_se(shared, masks[6:], record_patient)
+    assert auc < 0.5 - Z_FAMILY * se and auc < 0.48, f"shared-shadow LiRA AUC {auc:.4f} ± {se:.4f}"
+    unbiased = attack_targets(scores, masks, np.arange(6, 16))
+    auc, se = mean_auc_and_se(unbiased, masks[6:], record_patient)
+    assert abs(auc - 0.5) <= Z_FAMILY * se
+
+
+def test_tuning_rmia_offline_a_uses_balanced_references():
+    """On a null campaign the pretend target's references are balanced: tuned AUCs are at chance,
+    and the evaluated target is never the pretend one."""
+    scores, masks, _ = exact_k_campaign(12, 150, seed=5)
+    p = rmia_from_lira(scores)
+    population = population_indices(p.shape[1], 500)
+    a, aucs = tune_offline_a(p, masks, population=population)
+    assert aucs[a] == max(aucs.values()) and all(abs(v - 0.5) < 0.05 for v in aucs.values())
+    fit = fit_shadows(p, masks, medians=False)
+    assert tune_offline_a_fitted(fit, 0, population=population) == (a, aucs)
+    assert pretend_target(0, [0, 1], 12) == 2 and pretend_target(3, range(12), 12) == 0 and pretend_target(0, range(12), 12) == 1
+    per_target = offline_a_per_target(fit, np.arange(12), population=population)
+    assert set(per_target) == set(range(12)) and len(set(per_target.values())) <= 2
+
+
+# ---------------------------------------------------------------- planted campaign
+
+
+def test_planted_patients_come_out_on_top():
+    planted = np.arange(0, 150, 10)  # 15 of 150 patients, IN records shifted by 6
+    scores, masks, record_patient = exact_k_campaign(16, 150, seed=3, planted=planted, planted_effect=6.0)
+    is_planted = np.isin(record_patient, planted)
+    attacks = attack_targets(scores, masks, np.arange(16), variant=VARIANTS, rmia_transform=rmia_from_lira, n_population=1000)
+    for name in VARIANTS:
+        attack = attacks[name]
+        assert min(auc_score(a[is_planted], m[is_planted]) for a, m in zip(attack, masks)) > 0.9, name
+        assert abs(np.mean([auc_score(a[~is_planted], m[~is_planted]) for a, m in zip(attack, masks)]) - 0.5) < 0.02, name
+        # per patient: mean score of its records over the targets it is IN for minus those it is OUT for
+        gap = (np.where(masks, attack, 0).sum(0) / masks.sum(0)) - (np.where(~masks, attack, 0).sum(0) / (~masks).sum(0))
+        patient_gap = np.bincount(record_patient, weights=gap) / np.bincount(record_patient)
+        assert set(np.argsort(-patient_gap)[:len(planted)]) == set(planted), name
+        if name.startswith("lira"):  # RMIA's probability ratio saturates for p ≈ 1: top ranks are LiRA's claim
+            top_share = [(is_planted & m)[np.argsort(-a)[:(is_planted & m).sum()]].mean() for a, m in zip(attack, masks)]
+            assert np.mean(top_share) >= 0.85, name
