@@ -143,7 +143,8 @@ def null_auc_sd(n_in, n_out):
 # ---------------------------------------------------------------- rank statistic per unit
 
 
-def _check_summaries(summaries, masks, what="summaries"):
+def check_summaries(summaries, masks, what="summaries"):
+    """Validates (n_models, n_units) summaries and bool masks; every unit needs ≥ 1 IN and ≥ 1 OUT model."""
     summaries = np.asarray(summaries)
     masks = np.asarray(masks)
     if summaries.ndim != 2 or masks.shape != summaries.shape:
@@ -181,7 +182,7 @@ def rank_auc(summaries, masks, chunk=UNIT_CHUNK):
       n_in, n_out int64
       tied     bool     the unit's summaries have ties across models
     """
-    summaries, masks = _check_summaries(summaries, masks)
+    summaries, masks = check_summaries(summaries, masks)
     n_models, n_units = summaries.shape
     n_in = masks.sum(axis=0).astype(np.int64)
     n_out = n_models - n_in
@@ -447,7 +448,7 @@ def delong_components(summaries, masks, chunk=UNIT_CHUNK):
     IN and of W over OUT models (NaN where a group has a single model). The AUC's variance with
     n_in IN and n_out OUT models is var_in/n_in + var_out/n_out.
     """
-    summaries, masks = _check_summaries(summaries, masks)
+    summaries, masks = check_summaries(summaries, masks)
     n_units = summaries.shape[1]
     var_in, var_out = np.empty(n_units), np.empty(n_units)
     for a in range(0, n_units, chunk):

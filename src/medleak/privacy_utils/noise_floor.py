@@ -1,0 +1,180 @@
+"""The campaign's own noise floor: what the audit's headlines look like when nothing leaks.
+
+Each patient's IN/OUT bits are permuted across models (a column of the patient mask reshuffled,
+so every patient keeps its number of IN models; all of a patient's records move together), which
+is exactly how the plan could have assigned them; under "membership does not change the scores"
+every such relabelling is equally likely. Statistics are recomputed from small per-model
+summaries — never from the full (models × records × views) score array:
+
+  * `share_floor`: per-unit rank AUCs (records or patients, `calibration.rank_auc`) from midranks
+    computed once — a relabelling only changes which ranks are summed — giving the chance curve
+    of share(AUC > x) on a grid (the eSF figures' chance band), the chance level of each headline
+    share and of the at_risk share (BH at the same alpha).
+  * `strongest_attack_floor`: the chance level of the strongest of several attacks (mean AUC over
+    held-out targets, max over attacks), permuting each patient's target membership across targets.
+
+Every result reports observed, chance mean, chance interval and excess = observed − chance mean
+with the interval observed − (chance interval): it excludes 0 when the observed value lies outside
+the chance band. The seed is recorded in the result.
+"""
+
+import numpy as np
+from scipy import stats
+
+from medleak.errors import MedleakError
+from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UNIT_CHUNK, benjamini_hochberg,
+                                               check_summaries, flag_at_risk, patient_codes,
+                                               patient_mask_from_records, rank_auc, rank_p_values)
+
+DEFAULT_PERMUTATIONS = 200
+DEFAULT_SEED = 0
+AUC_GRID = np.round(np.linspace(0.5, 1.0, 51), 4)
+HEADLINE_THRESHOLDS = (0.6, 0.7, 0.8, 0.9)
+
+
+def permute_patient_mask(patient_mask, rng):
+    """Each column (patient) of a (n_models, n_patients) bool mask shuffled across models independently."""
+    return rng.permuted(np.asarray(patient_mask, dtype=bool), axis=0)
+
+
+def _shares_above(values, grid):
+    """share(values > x) for every x of grid; float64 like grid."""
+    ordered = np.sort(values)
+    return (ordered.size - np.searchsorted(ordered, grid, side="right")) / max(ordered.size, 1)
+
+
+def compare_to_chance(observed, chance, confidence=0.95):
+    """Observed value(s) against a (n_permutations, …) chance sample; JSON-ready dict.
+
+    Returns observed, chance_mean, chance_lo / chance_hi (equal-tailed `confidence` interval of the
+    chance sample), excess = observed − chance_mean, excess_lo / excess_hi = observed − chance_hi /
+    observed − chance_lo, and p_value = (1 + #{chance ≥ observed}) / (1 + n_permutations).
+    Scalars for a scalar observed, lists for an array.
+    """
+    observed = np.asarray(observed, dtype=np.float64)
+    chance = np.asarray(chance, dtype=np.float64)
+    tail = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(chance, [tail, 1.0 - tail], axis=0)
+    mean = chance.mean(axis=0)
+    p = (1.0 + (chance >= observed).sum(axis=0)) / (1.0 + chance.shape[0])
+
+    def out(x):
+        x = np.asarray(x, dtype=np.float64)
+        return float(x) if x.ndim == 0 else x.tolist()
+
+    return {"observed": out(observed), "chance_mean": out(mean), "chance_lo": out(lo), "chance_hi": out(hi),
+            "excess": out(observed - mean), "excess_lo": out(observed - hi), "excess_hi": out(observed - lo),
+            "p_value": out(p)}
+
+
+def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, thresholds=HEADLINE_THRESHOLDS,
+                alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD, n_permutations=DEFAULT_PERMUTATIONS,
+                seed=DEFAULT_SEED, confidence=0.95):
+    """Chance distribution of the share of units with rank AUC above x, by permuting patients' bits.
+
+    summaries: (n_models, n_units) float per-model summaries (`calibration.patient_summaries` for
+    patients, `calibration.record_summaries` for records); patient_mask: (n_models, n_patients) bool;
+    unit_patient: (n_units,) int index of each unit's patient into the mask columns (None: the
+    units are the patients). Cost per permutation: one masked sum over (n_models, n_units).
+
+    Returns a JSON-ready dict: seed, n_permutations, confidence, grid, curve (`compare_to_chance` of
+    share(AUC > x) on the grid: the eSF chance band), share_above {threshold: compare_to_chance},
+    at_risk (share with BH q ≤ alpha and auc ≥ auc_threshold, compared to chance).
+    """
+    patient_mask = np.asarray(patient_mask, dtype=bool)
+    if patient_mask.ndim != 2:
+        raise MedleakError(f"patient_mask must be (n_models, n_patients), got shape {patient_mask.shape}")
+    unit_patient = np.arange(patient_mask.shape[1]) if unit_patient is None else np.asarray(unit_patient, dtype=np.int64)
+    summaries, masks = check_summaries(summaries, patient_mask[:, unit_patient])
+    if n_permutations < 1:
+        raise MedleakError(f"the noise floor needs at least 1 permutation, got {n_permutations}")
+    grid = np.asarray(grid, dtype=np.float64)
+    thresholds = tuple(float(t) for t in thresholds)
+    observed = rank_auc(summaries, masks)
+    tied, n_in, n_out = observed["tied"], observed["n_in"], observed["n_out"]
+    ranks = _midranks(summaries)
+    offset = n_in * (n_in + 1)
+    scale = 2.0 * n_in * n_out
+
+    def headlines(u2):
+        auc = u2 / scale
+        q = benjamini_hochberg(rank_p_values(u2, n_in, n_out, tied, summaries))
+        return _shares_above(auc, grid), _shares_above(auc, np.asarray(thresholds)), flag_at_risk(auc, q, alpha, auc_threshold).mean()
+
+    rng = np.random.default_rng(seed)
+    curves = np.empty((n_permutations, grid.size))
+    at_threshold = np.empty((n_permutations, len(thresholds)))
+    at_risk = np.empty(n_permutations)
+    for b in range(n_permutations):
+        permuted = permute_patient_mask(patient_mask, rng)[:, unit_patient]
+        u2 = np.rint(2.0 * np.sum(ranks, axis=0, where=permuted, dtype=np.float64) - offset).astype(np.int64)
+        curves[b], at_threshold[b], at_risk[b] = headlines(u2)
+    curve, shares, risk_share = headlines(observed["u2"])
+    return {
+        "seed": int(seed), "n_permutations": int(n_permutations), "confidence": float(confidence),
+        "grid": grid.tolist(), "curve": compare_to_chance(curve, curves, confidence),
+        "share_above": {t: compare_to_chance(shares[i], at_threshold[:, i], confidence) for i, t in enumerate(thresholds)},
+        "at_risk": compare_to_chance(risk_share, at_risk, confidence),
+    }
+
+
+def _midranks(summaries, chunk=UNIT_CHUNK):
+    """Midranks over models per unit, float32 (exact: multiples of ½ below 2²⁴)."""
+    ranks = np.empty(summaries.shape, dtype=np.float32)
+    for a in range(0, summaries.shape[1], chunk):
+        ranks[:, a:a + chunk] = stats.rankdata(summaries[:, a:a + chunk].astype(np.float64), axis=0)
+    return ranks
+
+
+def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permutations=DEFAULT_PERMUTATIONS,
+                           seed=DEFAULT_SEED, confidence=0.95):
+    """Chance level of the strongest attack's AUC, permuting target membership per patient.
+
+    attack_scores: {attack name: (n_targets, n_records) float} membership scores of the held-out
+    targets (higher = member); target_masks: (n_targets, n_records) bool, the targets' true
+    membership (a patient's records agree); patient_ids: (n_records,). An attack's AUC is the mean
+    over targets of the AUC over records (ties ½); each permutation shuffles every patient's column
+    of the target patient mask across the targets (its number of IN targets kept) and recomputes
+    all attacks from record ranks computed once. A target left with no member or no non-member
+    record by a permutation is skipped in that mean.
+
+    Returns a JSON-ready dict: seed, n_permutations, confidence, strongest (the attack with the
+    highest observed AUC), max_auc (`compare_to_chance` of max over attacks: the chance level of the
+    strongest), per_attack {name: compare_to_chance of its mean AUC}.
+    """
+    if not attack_scores:
+        raise MedleakError("the strongest-attack noise floor needs at least one attack")
+    target_masks = np.atleast_2d(np.asarray(target_masks, dtype=bool))
+    names = list(attack_scores)
+    scores = [np.atleast_2d(np.asarray(attack_scores[name], dtype=np.float64)) for name in names]
+    for name, s in zip(names, scores):
+        if s.shape != target_masks.shape:
+            raise MedleakError(f"attack {name!r}: scores {s.shape} and target masks {target_masks.shape} disagree")
+    _, codes = patient_codes(patient_ids)
+    if codes.size != target_masks.shape[1]:
+        raise MedleakError(f"patient_ids has {codes.size} entries, target masks have {target_masks.shape[1]} records")
+    target_patient_mask = patient_mask_from_records(target_masks, codes, int(codes.max()) + 1)
+    ranks = np.stack([stats.rankdata(s, axis=1) for s in scores])  # (n_attacks, n_targets, n_records)
+
+    def attack_aucs(members):
+        n1 = members.sum(axis=1).astype(np.float64)
+        n0 = members.shape[1] - n1
+        rank_sum = np.sum(ranks, axis=2, where=members[None])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = (rank_sum - n1 * (n1 + 1) / 2.0) / (n1 * n0)
+        usable = (n1 > 0) & (n0 > 0)
+        if not usable.any():
+            raise MedleakError("every target has only members or only non-members; the attack AUC is undefined")
+        return auc[:, usable].mean(axis=1)
+
+    observed = attack_aucs(target_masks)
+    rng = np.random.default_rng(seed)
+    chance = np.empty((n_permutations, len(names)))
+    for b in range(n_permutations):
+        chance[b] = attack_aucs(permute_patient_mask(target_patient_mask, rng)[:, codes])
+    return {
+        "seed": int(seed), "n_permutations": int(n_permutations), "confidence": float(confidence),
+        "strongest": names[int(np.argmax(observed))],
+        "max_auc": compare_to_chance(observed.max(), chance.max(axis=1), confidence),
+        "per_attack": {name: compare_to_chance(observed[i], chance[:, i], confidence) for i, name in enumerate(names)},
+    }
