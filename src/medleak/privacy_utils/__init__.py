@@ -16,6 +16,13 @@ indices (n_records,) or (n_records, C) one-hot / multi-hot 0/1 rows.
     rmia(shadow_scores, shadow_masks, target_scores, *, offline=False, a=None)
                                          → (n_targets, n_records) RMIA scores in [0, 1];
                                          offline with a=None tunes `a` on a shadow model
+    attack_targets(scores, masks, target_indices, *, variant="lira_online")
+                                         → (n_targets, n_records): models of the campaign itself
+                                         attacked, each with its own leave-one-out shadows (the
+                                         other models, one more dropped per record so the shadows
+                                         do not depend on the target's membership); variants
+                                         lira_online[_fixed], lira_offline[_fixed], rmia_online,
+                                         rmia_offline; pass `lira_fit=fit_shadows(s, masks)` to sort once
     patient_risk(record_auc, patient_ids) → DataFrame patient_id, auc_max, auc_mean, n_records
                                          (most vulnerable first)
 
@@ -24,14 +31,16 @@ Example — audit 20 models of your own:
     s = lira_scores(logits, labels)                 # logits: (20, n, V, C)
     auc, se = record_auc(s, masks)                  # which records leak
     patients = patient_risk(auc, patient_ids)       # which patients leak
-    attack = lira(s[1:], masks[1:], s[:1])          # attack model 0 with the others as shadows
+    attack = attack_targets(s, masks, [0, 1, 2])    # attack models 0–2, each with unbiased shadows
 
 Bad input raises `medleak.errors.MedleakError` with a one-line message.
 """
 
+from medleak.privacy_utils.attacks import attack_targets
 from medleak.privacy_utils.lira import lira
 from medleak.privacy_utils.risk import patient_risk, record_auc
 from medleak.privacy_utils.rmia import rmia
 from medleak.privacy_utils.scores import lira_scores, rmia_scores
+from medleak.privacy_utils.shadows import fit_shadows
 
-__all__ = ["lira_scores", "rmia_scores", "record_auc", "lira", "rmia", "patient_risk"]
+__all__ = ["lira_scores", "rmia_scores", "record_auc", "lira", "rmia", "attack_targets", "fit_shadows", "patient_risk"]

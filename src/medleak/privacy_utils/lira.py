@@ -10,7 +10,11 @@ population standard deviation — and scores a target model's observation s by
 Fixed-variance variants replace the per-record σ by one pooled σ (√ of the mean per-record variance
 over records and views), which is more stable with few shadows.
 
-Shadows are the same for every target, so the per-record statistics are computed once
+Here the shadows are the same for every target (`lira`, `shadow_stats`): right when the shadow and
+target models are independent draws. When the targets are held-out runs of an exact-k campaign
+(every record IN for exactly k runs) shared shadows carry the targets' membership and bias the
+attack below chance; `attacks.attack_targets` scores each target with its own leave-one-out
+shadows (`shadows.py`) instead. Shared shadows' per-record statistics are computed once
 (`shadow_stats`) and reused for all targets and all variants. The medians are exact: per chunk of
 records the scores are staged once as (records, models, views) — the only pass over main memory —
 then, in cache, each record's IN (OUT) models are gathered into a compact (records, views, models)
@@ -241,7 +245,8 @@ def lira(shadow_scores, shadow_masks, target_scores, *, offline=False, fix_varia
     shadow_masks: (n_shadows, n_records) bool, True where the shadow trained on the record;
     target_scores: (n_targets, n_records, n_views) or (n_records, n_views).
     Returns (n_targets, n_records) (or (n_records,)) float64. Pass `stats=shadow_stats(...)` to
-    reuse the shadow statistics across calls.
+    reuse the shadow statistics across calls. For targets that are runs of the same exact-k
+    campaign as the shadows, use `attacks.attack_targets` (unbiased per-target shadows).
     """
     if stats is None:
         stats = shadow_stats(shadow_scores, shadow_masks)

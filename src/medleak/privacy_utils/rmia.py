@@ -144,7 +144,8 @@ def rmia(shadow_scores, shadow_masks, target_scores, *, offline=False, a=None, g
     (n_shadows, n_records) bool; target_scores: (n_targets, n_records, n_views) or
     (n_records, n_views). Offline with `a=None` tunes `a` on shadow 0 as a pretend target.
     Pass `stats=shadow_stats(shadow_scores, shadow_masks, medians=False, trim=trim or None)` to reuse
-    statistics.
+    statistics. For targets that are runs of the same exact-k campaign as the shadows, use
+    `attacks.attack_targets` (unbiased per-target shadows).
     """
     if stats is None:
         stats = shadow_stats(shadow_scores, shadow_masks, **_stats_options(trim))
