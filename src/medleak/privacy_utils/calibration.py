@@ -34,10 +34,10 @@ import pandas as pd
 from scipy import special, stats
 
 from medleak.errors import MedleakError
-from medleak.privacy_utils.risk import hanley_mcneil_se
+from medleak.privacy_utils.risk import RISK_THRESHOLDS, hanley_mcneil_se
 
 DEFAULT_ALPHA = 0.05           # FDR level q of the Benjamini–Hochberg step
-DEFAULT_AUC_THRESHOLD = 0.6    # at_risk also needs auc ≥ this (the report's first risk threshold)
+DEFAULT_AUC_THRESHOLD = RISK_THRESHOLDS[0]  # at_risk also needs auc ≥ this (the report's first risk threshold)
 EXACT_MAX_MODELS = 1000        # float64 holds C(n, n_in) up to n ≈ 1000
 EXACT_TIES_MAX_MODELS = 128    # above this, tied units use the tie-corrected normal approximation
 UNIT_CHUNK = 4096              # units per chunk: (200 models × 4096) float64 ≈ 6.5 MB

@@ -25,11 +25,11 @@ from medleak.errors import MedleakError
 from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UNIT_CHUNK, benjamini_hochberg,
                                                check_summaries, flag_at_risk, patient_codes,
                                                patient_mask_from_records, rank_auc, rank_p_values)
+from medleak.privacy_utils.risk import RISK_THRESHOLDS
 
 DEFAULT_PERMUTATIONS = 200
 DEFAULT_SEED = 0
 AUC_GRID = np.round(np.linspace(0.5, 1.0, 51), 4)
-HEADLINE_THRESHOLDS = (0.6, 0.7, 0.8, 0.9)
 
 
 def permute_patient_mask(patient_mask, rng):
@@ -67,7 +67,7 @@ def compare_to_chance(observed, chance, confidence=0.95):
             "p_value": out(p)}
 
 
-def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, thresholds=HEADLINE_THRESHOLDS,
+def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, thresholds=RISK_THRESHOLDS,
                 alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD, n_permutations=DEFAULT_PERMUTATIONS,
                 seed=DEFAULT_SEED, confidence=0.95):
     """Chance distribution of the share of units with rank AUC above x, by permuting patients' bits.
