@@ -42,7 +42,7 @@ def step_images_per_second(model, shape, batch_size, steps, dp_unit=None):
     labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)]
     patient_ids = np.arange(n) // 3  # three images per patient
     config = TrainConfig(model=model, img_size=shape[:2], epochs=1, batch_size=batch_size,
-                         learning_rate=0.01, warmup_epochs=0, augment="weak", eval_views=1,
+                         learning_rate=0.01, warmup=0, augment="weak", eval_views=1,
                          epsilon=1.0 if dp_unit else float("inf"), dp_unit=dp_unit or "record")
 
     def schedule_fn(train_indices, rng):

@@ -58,7 +58,7 @@ def measure_trainer(name, model, shape, batch_size, steps_per_run, bare_steps, c
     expected = steps_per_run * batch_size  # one epoch of steps_per_run steps
     images, labels = synthetic(2 * expected, shape, 10)
     config = TrainConfig(model=model, img_size=shape[:2], epochs=1, batch_size=batch_size, learning_rate=0.01,
-                         warmup_epochs=0, augment="weak", eval_views=2, compute_dtype=compute_dtype)
+                         warmup=0, augment="weak", eval_views=2, compute_dtype=compute_dtype)
     trainer = Trainer(config, images, labels, "multiclass", expected_train_size=expected)
     rng = np.random.default_rng(1)
     first = trainer.train(np.sort(rng.choice(2 * expected, expected, replace=False)), seed=0, progress=False)

@@ -53,7 +53,9 @@ def test_img_size_parsing(text, size):
 @pytest.mark.parametrize("argv,flag", [
     (["--img_size=64,a"], "--img_size"), (["--img_size=2,2"], "--img_size"), (["--epochs=0"], "--epochs"),
     (["--learning_rate=0"], "--learning_rate"), (["--ema_decay=1"], "--ema_decay"),
-    (["--dp_unit=study"], "--dp_unit"), (["--epsilon=0"], "--epsilon"),
+    (["--dp_unit=study"], "--dp_unit"), (["--epsilon=0"], "--epsilon"), (["--warmup=1"], "--warmup"),
+    (["--warmup=-0.1"], "--warmup"), (["--batch_size=100", "--grad_accum=3"], "--grad_accum"),
+    (["--weight_decay=-1"], "--weight_decay"), (["--momentum=1"], "--momentum"),
 ])
 def test_bad_values_are_refused_naming_the_flag(argv, flag):
     with pytest.raises(MedleakError, match=flag):
@@ -70,6 +72,23 @@ def test_unknown_names_are_refused_before_a_plan_records_them(argv, flag):
     # them and the corrected command would be refused as "a different config" on that logdir.
     with pytest.raises(MedleakError, match=flag):
         campaign_flags.train_config_from_flags(parsed("fitzpatrick", *argv))
+
+
+def test_trainer_validates_with_the_same_method_as_the_flags():
+    # One validation (TrainConfig.validate): a config built in code is refused by the Trainer with
+    # the flag's name, exactly as the flags refuse it.
+    import numpy as np
+
+    from medleak.train_utils.training import Trainer
+
+    images, labels = np.zeros((4, 8, 8, 1), np.uint8), np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    for bad in (dict(warmup=1.5), dict(augment="heavy"), dict(batch_size=6, grad_accum=4)):
+        config = TrainConfig(model="small_cnn", img_size=(8, 8), **bad)
+        with pytest.raises(MedleakError) as from_trainer:
+            Trainer(config, images, labels, "multiclass")
+        with pytest.raises(MedleakError) as from_validate:
+            config.validate()
+        assert str(from_trainer.value) == str(from_validate.value)
 
 
 def test_unknown_dataset_is_refused():

@@ -66,7 +66,7 @@ def test_dp_without_noise_or_clipping_trains_like_the_masked_mean(data):
     config = TrainConfig(model="small_cnn", img_size=(16, 16), epochs=1, batch_size=8,
                          learning_rate=0.1, momentum=0.0, augment="none", eval_views=1,
                          epsilon=1.0, clip_norm=1e6, dp_unit="record", weight_decay=0.0,
-                         warmup_epochs=0.0)
+                         warmup=0.0)
     dp = estimator.DpTraining(config, patient_ids, steps_per_epoch=3)
     rows = np.arange(40)
 

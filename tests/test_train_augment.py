@@ -84,6 +84,22 @@ def test_strong_changes_brightness_of_a_flat_image_uniformly():
     assert len({round(float(image.flat[0]), 5) for image in out}) > 1
 
 
+def test_rotate_contrast_brightness_is_a_rotation_then_colour_change_without_flip_or_shift(images01):
+    # EMBED's preset: the same per-operation key streams as the nested presets, rotation first.
+    keys = keys_for(6)
+    out = np.asarray(jitted_augment("rotate_contrast_brightness")(images01, keys))
+    max_angle = np.deg2rad(augment.MAX_ROTATION_DEGREES)
+    for o, image, key in zip(out, np.asarray(images01), keys):
+        _, _, rotate_key, colour_key = jax.random.split(key, 4)
+        angle = jax.random.uniform(rotate_key, (), minval=-max_angle, maxval=max_angle)
+        expected = augment._color(augment.rotate(jnp.asarray(image), angle), colour_key)
+        np.testing.assert_allclose(o, np.asarray(expected), atol=1e-5)
+        assert abs(float(angle)) > 0 and not np.allclose(o, image, atol=1e-3)
+    flat = np.asarray(jitted_augment("rotate_contrast_brightness")(jnp.full((B, H, W, C), 0.5), keys))
+    assert all(np.allclose(image, image.flat[0], atol=1e-5) for image in flat)  # no shift or flip shows
+    assert not augment.preset_flips("rotate_contrast_brightness")
+
+
 @pytest.mark.parametrize("preset", ["none", "weak"])
 def test_eval_views_clean_flip_then_fixed_per_record_augmentations(images01, preset):
     views_fn = jax.jit(lambda x, rows: augment.eval_views(
@@ -105,7 +121,7 @@ def test_eval_views_clean_flip_then_fixed_per_record_augmentations(images01, pre
 
 def test_unknown_preset_and_bad_view_count_raise_user_errors(images01):
     with pytest.raises(MedleakError, match="--augment"):
-        augment.check_preset("heavy")
+        augment.preset_operations("heavy")
     with pytest.raises(MedleakError, match="--eval_views"):
         augment.eval_views(images01, keys_for(0), 0, "weak")
     assert augment.preset_flips("trivial") and not augment.preset_flips("none")

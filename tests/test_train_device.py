@@ -53,3 +53,29 @@ def test_compile_counter_counts_new_programs_only():
         double(x).block_until_ready()
     assert first.count == 1 and first.seconds > 0
     assert again.count == 0
+
+
+def test_auto_compute_dtype_is_float32_on_cpu_and_explicit_dtypes_pass_through():
+    from medleak.train_utils.device import resolve_compute_dtype
+
+    if jax.default_backend() == "cpu":
+        assert resolve_compute_dtype("auto") == "float32"
+    assert resolve_compute_dtype("bfloat16") == "bfloat16" and resolve_compute_dtype("float32") == "float32"
+    with pytest.raises(MedleakError, match="--compute_dtype"):
+        resolve_compute_dtype("float16")
+
+
+@pytest.mark.parametrize("backend,capability,expected", [
+    ("tpu", None, "bfloat16"), ("gpu", "9.0", "bfloat16"), ("gpu", "8.0", "bfloat16"),
+    ("gpu", "7.0", "float32"), ("gpu", "gfx90a", "bfloat16"),
+])
+def test_auto_compute_dtype_per_accelerator(monkeypatch, backend, capability, expected):
+    # No accelerator here: stand in for jax's view of one (the device check runs the real thing).
+    from medleak.train_utils.device import resolve_compute_dtype
+
+    class Device:
+        compute_capability = capability
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+    assert resolve_compute_dtype("auto") == expected

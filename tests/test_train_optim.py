@@ -13,10 +13,10 @@ from medleak.train_utils import optim, training
 from medleak.train_utils.models import create_model
 
 
-def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_zero():
-    config = TrainConfig(learning_rate=0.4, warmup_epochs=2)
-    steps_per_epoch, total = 5, 30
-    schedule = optim.learning_rate_schedule(config, steps_per_epoch, total)
+def test_learning_rate_warms_up_linearly_over_a_fraction_of_all_steps_then_decays_by_cosine_to_zero():
+    config = TrainConfig(learning_rate=0.4, warmup=1 / 3)
+    total = 30
+    schedule = optim.learning_rate_schedule(config, total)
     warmup = 10
     for step in range(total + 1):
         if step < warmup:
@@ -24,16 +24,20 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_zero():
         else:
             expected = 0.4 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
         assert float(schedule(step)) == pytest.approx(expected, abs=1e-6), step
-    # Warm-up longer than the run: linear all the way.
-    long_warmup = optim.learning_rate_schedule(TrainConfig(learning_rate=1.0, warmup_epochs=10), 5, 20)
-    assert float(long_warmup(10)) == pytest.approx(0.5)
+    # The fraction is of all steps, whatever the epochs: 5 % of 200 steps is 10 steps.
+    assert optim.warmup_steps(TrainConfig(warmup=0.05, epochs=4), 200) == 10
+    assert optim.warmup_steps(TrainConfig(warmup=0.0), 200) == 0
+    # Rounding never swallows the whole run: a 3-step run with warm-up 0.9 still decays at its end.
+    short = optim.learning_rate_schedule(TrainConfig(learning_rate=1.0, warmup=0.9), 3)
+    assert optim.warmup_steps(TrainConfig(warmup=0.9), 3) == 2
+    assert float(short(2)) == pytest.approx(1.0) and float(short(3)) == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_momentum_with_decoupled_weight_decay_matches_a_hand_loop(nesterov):
-    config = TrainConfig(learning_rate=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01, warmup_epochs=0)
+    config = TrainConfig(learning_rate=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01, warmup=0)
     total = 4
-    optimizer = optim.make_optimizer(config, steps_per_epoch=2, total_steps=total)
+    optimizer = optim.make_optimizer(config, total_steps=total)
     params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
     grads = [{"kernel": jnp.array([[0.3, 0.1]]) * (i + 1), "bias": jnp.array([-0.2]) * (i + 1)} for i in range(3)]
     state = optimizer.init(params)

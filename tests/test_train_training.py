@@ -34,7 +34,7 @@ def patch_dataset(n, rng, multilabel=False):
 
 def config(**overrides):
     base = dict(model="small_cnn", img_size=(SIZE, SIZE), epochs=8, batch_size=16, learning_rate=0.02,
-                warmup_epochs=0, weight_decay=5e-4, augment="weak", eval_views=4)
+                warmup=0, weight_decay=5e-4, augment="weak", eval_views=4)
     return TrainConfig(**(base | overrides))
 
 
@@ -160,7 +160,7 @@ def test_bfloat16_batch_norm_multilabel_with_accumulation_trains():
 
 def test_divergence_raises(data):
     (train_images, train_labels), _ = data
-    trainer = Trainer(config(learning_rate=1e30, warmup_epochs=0, epochs=2), train_images[:32], train_labels[:32],
+    trainer = Trainer(config(learning_rate=1e30, warmup=0, epochs=2), train_images[:32], train_labels[:32],
                       "multiclass")
     with pytest.raises(TrainingDiverged, match="loss became"):
         trainer.train(np.arange(32), seed=0, progress=False)

@@ -1,8 +1,9 @@
 """absl flags shared by every dataset script, with that dataset's paper defaults.
 
-`define_flags(dataset)` defines the campaign flags, one flag per TrainConfig field (defaults from
-`DATASET_DEFAULTS[dataset]` over TrainConfig's), and the dataset loader's `OPTIONS` as string
-flags. The `*_from_flags` functions turn parsed flags into the plain objects `run_campaign` takes.
+`define_flags(dataset)` defines one flag per CampaignConfig field and per TrainConfig field (their
+defaults from the dataclasses and `config.DATASET_DEFAULTS[dataset]`, the one table of the paper's
+defaults), the worker's own flags, and the dataset loader's `OPTIONS` as string flags. The
+`*_from_flags` functions turn parsed flags into the plain objects `run_campaign` takes.
 """
 
 import dataclasses
@@ -10,7 +11,7 @@ import sys
 
 from absl import flags
 
-from medleak.config import DATASET_DEFAULTS, CampaignConfig, TrainConfig
+from medleak.config import AUGMENT_PRESETS, CampaignConfig, TrainConfig, dataset_train_config
 from medleak.errors import MedleakError
 
 # TrainConfig field → help. The flag type follows the field's default value (img_size: "H,W").
@@ -19,31 +20,33 @@ TRAIN_FLAG_HELP = {
     "norm": "normalisation layer: group (DP-compatible) or batch",
     "img_size": "image size as H,W (e.g. 64,64); images are resized once into the cache",
     "epochs": "training epochs per shadow model",
-    "batch_size": "training batch size",
-    "learning_rate": "peak SGD learning rate (warm-up then cosine decay)",
-    "weight_decay": "decoupled weight decay",
+    "batch_size": "examples per optimiser update, computed in --grad_accum micro-batches of "
+                  "batch_size/grad_accum (the paper's 512 x 2 is --batch_size=1024 --grad_accum=2)",
+    "grad_accum": "micro-batches per update (gradients summed; only memory use changes)",
+    "learning_rate": "peak SGD learning rate (warm-up then cosine decay to 0)",
+    "weight_decay": "decoupled weight decay as in Keras SGD (params -= lr * weight_decay * params; kernels only)",
     "momentum": "SGD momentum",
     "nesterov": "use Nesterov momentum",
-    "warmup_epochs": "linear learning-rate warm-up, in epochs",
+    "warmup": "linear learning-rate warm-up over this fraction of all training steps, in [0, 1)",
     "ema_decay": "EMA of the weights used for evaluation (0 disables)",
-    "grad_accum": "gradient accumulation steps per update",
-    "augment": "training augmentation preset: none, trivial, weak, medium, strong",
+    "augment": f"training augmentation preset: {', '.join(AUGMENT_PRESETS)} (docs/DATASETS.md)",
     "eval_views": "views per training record at inference (view 0 clean, then flips/shifts)",
-    "compute_dtype": "float32 or bfloat16 activations (parameters stay float32)",
+    "compute_dtype": "activations' dtype: auto (bfloat16 on GPU/TPU, float32 on CPU; resolved once, when the "
+                     "plan is made, and recorded in plan.json), float32 or bfloat16 (parameters stay float32)",
     "epsilon": "DP-SGD target epsilon (inf = no differential privacy)",
     "delta": "DP-SGD delta (0 = 1/number of training units)",
     "clip_norm": "DP-SGD per-unit gradient clipping norm",
     "dp_unit": "DP unit: record (one image) or patient (all of a patient's images)",
 }
 
-# Campaign flags: name → (default, help). The flag type follows the default.
-CAMPAIGN_FLAGS = {
-    "n_runs": (200, "number of shadow models in the campaign"),
-    "subset_ratio": (0.5, "share of runs each patient is IN for"),
-    "seed": (0, "campaign seed: the IN/OUT plan and every run's training seed derive from it"),
-    "max_attempts": (3, "claims of one run (failures, lost workers) before it is reported failed"),
-    "lease_seconds": (300.0, "a claimed run is re-taken by another worker when its lease is not "
-                             "renewed for this long (renewed every third of it while training)"),
+# CampaignConfig field → help. The flag type follows the field's default value.
+CAMPAIGN_FLAG_HELP = {
+    "n_runs": "number of shadow models in the campaign",
+    "subset_ratio": "share of runs each patient is IN for",
+    "seed": "campaign seed: the IN/OUT plan and every run's training seed derive from it",
+    "max_attempts": "claims of one run (failures, lost workers) before it is reported failed",
+    "lease_seconds": "a claimed run is re-taken by another worker when its lease is not renewed for this "
+                     "long (renewed every third of it while training)",
 }
 
 
@@ -54,8 +57,7 @@ def define_flags(dataset: str, flag_values=flags.FLAGS, help_module=None) -> Non
     """
     from medleak.data_utils.datasets import dataset_options
 
-    if dataset not in DATASET_DEFAULTS:
-        raise MedleakError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_DEFAULTS)}")
+    train_defaults = dataset_train_config(dataset)
     module_name = help_module or sys.argv[0]
 
     def define(name, default, help_text, kind=None):
@@ -72,14 +74,12 @@ def define_flags(dataset: str, flag_values=flags.FLAGS, help_module=None) -> Non
     define("workers_per_device", 1, "worker processes sharing one GPU (each takes that share of its memory)")
     define("eval_only", False, "train one model on the whole training split and report its test metrics "
            "(written to <logdir>/eval_only)")
-    for name, (default, help_text) in CAMPAIGN_FLAGS.items():
-        define(name, default, help_text)
-    defaults = default_train_config(dataset)
-    for field in dataclasses.fields(TrainConfig):
-        value = getattr(defaults, field.name)
-        if field.name == "img_size":
-            value = ",".join(str(v) for v in value)
-        define(field.name, value, TRAIN_FLAG_HELP[field.name])
+    for defaults, help_texts in ((CampaignConfig(), CAMPAIGN_FLAG_HELP), (train_defaults, TRAIN_FLAG_HELP)):
+        for field in dataclasses.fields(defaults):
+            value = getattr(defaults, field.name)
+            if field.name == "img_size":
+                value = ",".join(str(v) for v in value)
+            define(field.name, value, help_texts[field.name])
     for option, (default, help_text) in dataset_options(dataset).items():
         if option in flag_values:
             raise MedleakError(f"{dataset}: loader option {option!r} clashes with a campaign flag; rename it")
@@ -96,11 +96,6 @@ def _kind(default):
     if isinstance(default, float):
         return flags.DEFINE_float
     return flags.DEFINE_string
-
-
-def default_train_config(dataset: str) -> TrainConfig:
-    """TrainConfig with the paper's defaults for `dataset`."""
-    return TrainConfig(**DATASET_DEFAULTS[dataset])
 
 
 def parse_img_size(text: str) -> tuple:
@@ -123,28 +118,9 @@ def train_config_from_flags(flag_values=flags.FLAGS) -> TrainConfig:
     for field in dataclasses.fields(TrainConfig):
         value = flag_values[field.name].value
         values[field.name] = parse_img_size(value) if field.name == "img_size" else value
-    config = TrainConfig(**values)
-    for name in ("epochs", "batch_size", "eval_views", "grad_accum"):
-        if getattr(config, name) < 1:
-            raise MedleakError(f"--{name} must be at least 1, got {getattr(config, name)}")
-    if config.learning_rate <= 0:
-        raise MedleakError(f"--learning_rate must be positive, got {config.learning_rate}")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise MedleakError(f"--ema_decay must be in [0, 1), got {config.ema_decay}")
-    if config.dp_unit not in ("record", "patient"):
-        raise MedleakError(f"--dp_unit must be record or patient, got {config.dp_unit!r}")
-    if config.epsilon <= 0:
-        raise MedleakError(f"--epsilon must be positive (inf disables DP), got {config.epsilon}")
-    # Names are checked now, before the first worker writes them into plan.json (a logdir whose plan
-    # holds a bad name would refuse the corrected command as a different config).
-    from medleak.train_utils.augment import check_preset
-    from medleak.train_utils.models import create_model
-    from medleak.train_utils.training import COMPUTE_DTYPES
-
-    check_preset(config.augment)
-    create_model(config.model, 1, norm=config.norm)  # a flax module definition: nothing is compiled
-    if config.compute_dtype not in COMPUTE_DTYPES:
-        raise MedleakError(f"--compute_dtype={config.compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+    # Checked now, before the first worker writes them into plan.json (a logdir whose plan holds a
+    # bad value would refuse the corrected command as a different config).
+    config = TrainConfig(**values).validate()
     if config.dp:
         from medleak.dp.estimator import validate_dp_config
 
@@ -154,7 +130,8 @@ def train_config_from_flags(flag_values=flags.FLAGS) -> TrainConfig:
 
 def campaign_config_from_flags(flag_values=flags.FLAGS) -> CampaignConfig:
     """The CampaignConfig the parsed flags describe."""
-    return CampaignConfig(**{name: flag_values[name].value for name in CAMPAIGN_FLAGS})
+    return CampaignConfig(**{field.name: flag_values[field.name].value
+                             for field in dataclasses.fields(CampaignConfig)})
 
 
 def loader_options_from_flags(dataset: str, flag_values=flags.FLAGS) -> dict:

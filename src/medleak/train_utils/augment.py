@@ -4,12 +4,14 @@ Images arrive as uint8 (B, H, W, C); `to_unit_float` maps them to [0, 1], the au
 that range, and `normalize` maps to [-1, 1] for the model. Every random choice comes from an explicit
 per-example PRNG key, so an augmented batch is a pure function of (images, keys, preset).
 
-Presets (each includes the previous one):
+Presets (`medleak.config.AUGMENT_PRESETS`: name -> operations, applied in this order):
 - `none`     identity
 - `trivial`  random horizontal flip
 - `weak`     + random shift by up to 1/8 of the image side (reflect-pad and crop, whole pixels)
 - `medium`   + random rotation about the centre (up to +-15 degrees, bilinear, mirrored borders)
 - `strong`   + random brightness (+-0.2) and contrast (x0.8-1.2 about the image mean)
+- `rotate_contrast_brightness`  rotation, then brightness and contrast, no flip or shift (EMBED
+  mammograms, as in the paper)
 
 Evaluation views (`eval_views`): view 0 is the clean image, view 1 its horizontal flip when the preset
 flips, the remaining views random augmentations of the preset drawn from keys that depend only on
@@ -19,25 +21,24 @@ the record (never on the run), so every shadow model sees the same views of a re
 import jax
 import jax.numpy as jnp
 
+from medleak.config import AUGMENT_PRESETS, check_choice
 from medleak.errors import MedleakError
 
-PRESETS = ("none", "trivial", "weak", "medium", "strong")
-_PRESET_LEVEL = {name: level for level, name in enumerate(PRESETS)}
+PRESETS = tuple(AUGMENT_PRESETS)
 MAX_ROTATION_DEGREES = 15.0
 MAX_BRIGHTNESS_DELTA = 0.2
 CONTRAST_RANGE = (0.8, 1.2)
 
 
-def check_preset(preset: str) -> str:
-    """Returns `preset` or raises MedleakError naming the valid choices."""
-    if preset not in _PRESET_LEVEL:
-        raise MedleakError(f"--augment={preset!r} is not a preset: use one of {', '.join(PRESETS)}")
-    return preset
+def preset_operations(preset: str) -> tuple:
+    """The preset's operations in order, or MedleakError naming --augment and the valid presets."""
+    check_choice("augment", preset, PRESETS)
+    return AUGMENT_PRESETS[preset]
 
 
 def preset_flips(preset: str) -> bool:
     """Whether the preset includes horizontal flips (then eval view 1 is the flipped image)."""
-    return _PRESET_LEVEL[check_preset(preset)] >= _PRESET_LEVEL["trivial"]
+    return "flip" in preset_operations(preset)
 
 
 def shift_pad(height: int, width: int) -> int:
@@ -94,25 +95,32 @@ def _color(image, key):
     return jnp.clip((image - mean) * factor + mean + delta, 0.0, 1.0)
 
 
+def _flip(image, key):
+    return jnp.where(jax.random.bernoulli(key), hflip(image), image)
+
+
+def _random_rotation(image, key):
+    max_angle = jnp.deg2rad(MAX_ROTATION_DEGREES)
+    return rotate(image, jax.random.uniform(key, (), minval=-max_angle, maxval=max_angle))
+
+
+# Operation -> (one image, key) -> image. Each operation has its own key stream (its position here),
+# so adding an operation to a preset leaves the random choices of the others unchanged.
+_OPERATIONS = {"flip": _flip, "shift": _shift, "rotate": _random_rotation, "brightness_contrast": _color}
+
+
 def augment_image(image, key, preset: str):
     """Augments one (H, W, C) float image in [0, 1] with one PRNG key; returns the same shape."""
-    level = _PRESET_LEVEL[check_preset(preset)]
-    flip_key, shift_key, rotate_key, color_key = jax.random.split(key, 4)
-    if level >= _PRESET_LEVEL["trivial"]:
-        image = jnp.where(jax.random.bernoulli(flip_key), hflip(image), image)
-    if level >= _PRESET_LEVEL["weak"]:
-        image = _shift(image, shift_key)
-    if level >= _PRESET_LEVEL["medium"]:
-        max_angle = jnp.deg2rad(MAX_ROTATION_DEGREES)
-        image = rotate(image, jax.random.uniform(rotate_key, (), minval=-max_angle, maxval=max_angle))
-    if level >= _PRESET_LEVEL["strong"]:
-        image = _color(image, color_key)
+    operations = preset_operations(preset)
+    keys = dict(zip(_OPERATIONS, jax.random.split(key, len(_OPERATIONS))))
+    for name in operations:
+        image = _OPERATIONS[name](image, keys[name])
     return image
 
 
 def augment_batch(images01, keys, preset: str):
     """Augments (B, H, W, C) float images in [0, 1], one key per image (keys: (B,) key array)."""
-    if _PRESET_LEVEL[check_preset(preset)] == 0:
+    if not preset_operations(preset):
         return images01
     return jax.vmap(lambda image, key: augment_image(image, key, preset))(images01, keys)
 

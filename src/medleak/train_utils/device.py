@@ -1,4 +1,4 @@
-"""Process-level device settings and compile accounting.
+"""Process-level device settings: memory share per worker, compute dtype per backend, compile accounting.
 
 Several training processes share one GPU: small models (WRN-28-2 at 64x64) leave an H100 mostly
 idle, and measured on CPU `jax.vmap` over K models was slower than K sequential runs (see
@@ -10,6 +10,7 @@ pre-allocates only that share of the GPU's memory in each process instead of 75 
 import contextlib
 import os
 
+from medleak.config import COMPUTE_DTYPES, check_choice
 from medleak.errors import MedleakError
 
 # Leave some memory for the CUDA context and cuDNN/cuBLAS workspaces of each process.
@@ -35,6 +36,35 @@ def configure_device_memory(workers_per_device: int) -> float:
     fraction = round(USABLE_MEMORY_SHARE / workers_per_device, 3)
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.3f}"
     return fraction
+
+
+# NVIDIA GPUs compute bfloat16 natively (tensor cores) from compute capability 8.0 (Ampere) on.
+BFLOAT16_MIN_COMPUTE_CAPABILITY = 8.0
+
+
+def resolve_compute_dtype(requested: str) -> str:
+    """The compute dtype "auto" stands for on this process's backend; other values unchanged.
+
+    bfloat16 on TPUs and on GPUs that compute it natively (mixed precision, as in the paper),
+    float32 on CPU (where bfloat16 is emulated and slower) and on older GPUs. A campaign resolves
+    it once, when its plan is made, and records the result; workers follow the plan.
+    """
+    check_choice("compute_dtype", requested, COMPUTE_DTYPES)
+    if requested != "auto":
+        return requested
+    import jax
+
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "bfloat16"
+    if backend == "gpu":
+        capability = getattr(jax.devices()[0], "compute_capability", None)
+        try:
+            native = float(capability) >= BFLOAT16_MIN_COMPUTE_CAPABILITY
+        except (TypeError, ValueError):  # not reported (e.g. ROCm "gfx90a"): those GPUs have bf16
+            native = True
+        return "bfloat16" if native else "float32"
+    return "float32"
 
 
 def _backend_initialised() -> bool:

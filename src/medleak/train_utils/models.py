@@ -15,14 +15,13 @@ gradients (DP-SGD); `norm="batch"` selects BatchNorm, whose running statistics l
 """
 
 import functools
-import re
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medleak.config import NORMS, check_choice, model_architecture
 from medleak.errors import MedleakError
 
-NORMS = ("group", "batch")
 GROUPS = 16  # GroupNorm groups: every channel count used here is a multiple of 16
 LEAKY_SLOPE = 0.1
 
@@ -114,26 +113,16 @@ class WideResNet(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-_WRN_NAME = re.compile(r"wrn_(\d+)_(\d+)")
-
-
 def create_model(name: str, num_classes: int, norm: str = "group", dtype=jnp.float32) -> nn.Module:
     """Builds a model by registry name: `small_cnn` or `wrn_<depth>_<width>` (depth = 6n + 4)."""
-    if norm not in NORMS:
-        raise MedleakError(f"--norm={norm!r} is not supported: use one of {', '.join(NORMS)}")
+    check_choice("norm", norm, NORMS)
     if num_classes < 1:
         raise MedleakError(f"a model needs at least one output class, got num_classes={num_classes}")
-    if name == "small_cnn":
+    architecture = model_architecture(name)
+    if architecture[0] == "small_cnn":
         return SmallCNN(num_classes=num_classes, norm=norm, dtype=dtype)
-    match = _WRN_NAME.fullmatch(name)
-    if match:
-        depth, width = int(match.group(1)), int(match.group(2))
-        if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
-            raise MedleakError(
-                f"--model={name!r}: WRN depth must be 6n+4 with n >= 1 (e.g. 10, 16, 22, 28) and width >= 1"
-            )
-        return WideResNet(num_classes=num_classes, depth=depth, width=width, norm=norm, dtype=dtype)
-    raise MedleakError(f"unknown --model={name!r}: use small_cnn or wrn_<depth>_<width> such as wrn_28_2")
+    _, depth, width = architecture
+    return WideResNet(num_classes=num_classes, depth=depth, width=width, norm=norm, dtype=dtype)
 
 
 def model_names() -> tuple:

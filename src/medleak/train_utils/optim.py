@@ -1,29 +1,28 @@
 """Optimiser: optax SGD with momentum (optionally Nesterov), decoupled weight decay, linear warm-up
 then cosine decay to zero, and an exponential moving average (EMA) of the parameters.
 
-Weight decay is decoupled (added to the update after the momentum trace, then scaled by the
-learning rate, as in SGDW/AdamW) and applies only to kernels (parameters with more than one
-dimension), not to biases or normalisation scales. Gradient accumulation lives with the gradient
+Weight decay is decoupled, as Keras' SGD applies it (params -= lr * weight_decay * params each step,
+outside the momentum trace, as in SGDW/AdamW), and applies only to kernels (parameters with more
+than one dimension), not to biases or normalisation scales. The warm-up is a fraction of all steps
+(`TrainConfig.warmup`), as in the paper's scripts. Gradient accumulation lives with the gradient
 estimator (`training.mean_gradient(micro_batches)`): one optimiser update per logical batch.
 """
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from medleak.config import TrainConfig
 
 
-def warmup_steps(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
-    """Number of linear warm-up steps: `warmup_epochs` epochs, at most the whole run."""
-    return int(min(total_steps, max(0, round(config.warmup_epochs * steps_per_epoch))))
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """Linear warm-up steps: the fraction `config.warmup` of all steps, rounded, leaving at least one
+    step of cosine decay (warmup < 1, but rounding could reach the last step of a short run)."""
+    return int(min(round(config.warmup * total_steps), total_steps - 1))
 
 
-def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 to `learning_rate`, then cosine decay to 0 at `total_steps`."""
-    warmup = warmup_steps(config, steps_per_epoch, total_steps)
-    if warmup >= total_steps:
-        return optax.linear_schedule(0.0, config.learning_rate, total_steps)
+    warmup = warmup_steps(config, total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
@@ -38,12 +37,12 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """SGD(momentum, nesterov) + decoupled weight decay + warm-up/cosine learning rate."""
     return optax.chain(
         optax.trace(decay=config.momentum, nesterov=config.nesterov),
         optax.masked(optax.add_decayed_weights(config.weight_decay), decay_mask),
-        optax.scale_by_learning_rate(learning_rate_schedule(config, steps_per_epoch, total_steps)),
+        optax.scale_by_learning_rate(learning_rate_schedule(config, total_steps)),
     )
 
 
@@ -53,7 +52,3 @@ def ema_update(ema_params, params, decay: float):
         return params
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema_params, params)
 
-
-def global_norm(tree) -> jnp.ndarray:
-    """L2 norm over all leaves of a pytree (for logging gradient/update sizes)."""
-    return optax.global_norm(tree)

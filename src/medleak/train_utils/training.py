@@ -55,9 +55,9 @@ from medleak.config import TrainConfig
 from medleak.data_utils.records import TASKS
 from medleak.errors import MedleakError
 from medleak.train_utils import augment, inference, metrics, optim
+from medleak.train_utils.device import resolve_compute_dtype
 from medleak.train_utils.models import create_model
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Stream ids that separate the PRNG uses derived from one run seed.
 _INIT_STREAM, _STEP_STREAM = 0, 1
 
@@ -280,29 +280,23 @@ class Trainer:
             steps per epoch for every run. Defaults to N.
           schedule_fn: `(train_indices, rng) -> batch dict` replacing `epoch_schedule` (DP sampling).
           gradient_estimator: replaces `mean_gradient(config.grad_accum)` (DP-SGD).
-          eval_batch_size: rows per inference call (default: config.batch_size).
+          eval_batch_size: rows per inference call (default: the micro-batch size,
+            config.batch_size / config.grad_accum, which is what fits in memory).
           steps_per_call: training steps per device call (default `default_chunk_steps`: one epoch
             on accelerators, one step on CPU); rounded down to a divisor of the run's steps.
         """
+        # "auto" becomes this backend's dtype here; a campaign resolves it once, in its plan.
+        config = dataclasses.replace(config.validate(),
+                                     compute_dtype=resolve_compute_dtype(config.compute_dtype))
         self.config = config
         self.task = task
         if task not in TASKS:
             raise MedleakError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-        if config.compute_dtype not in COMPUTE_DTYPES:
-            raise MedleakError(f"--compute_dtype={config.compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
-        augment.check_preset(config.augment)
         train_images, train_labels = _check_arrays("training", train_images, train_labels, config)
-        if config.batch_size < 1 or config.epochs < 1:
-            raise MedleakError("--batch_size and --epochs must be at least 1")
-        if not 0.0 <= config.ema_decay < 1.0:
-            raise MedleakError(f"--ema_decay={config.ema_decay} must be in [0, 1) (0 disables the EMA)")
         if config.dp and gradient_estimator is None:
             # Never train a model that claims a privacy budget without the DP estimator.
             raise MedleakError(f"--epsilon={config.epsilon} asks for DP-SGD: build the Trainer with the DP "
                                f"gradient estimator and sampler from src/medleak/dp")
-        if config.grad_accum < 1 or config.batch_size % config.grad_accum:
-            raise MedleakError(f"--grad_accum={config.grad_accum} must be >= 1 and divide "
-                               f"--batch_size={config.batch_size}")
 
         self.n_train, self.n_classes = train_labels.shape
         self.images = jax.device_put(train_images)
@@ -317,8 +311,8 @@ class Trainer:
         else:
             self.test_images = self.test_labels = None
 
-        dtype = COMPUTE_DTYPES[config.compute_dtype]
-        self.model = create_model(config.model, self.n_classes, norm=config.norm, dtype=dtype)
+        self.model = create_model(config.model, self.n_classes, norm=config.norm,
+                                  dtype=jnp.dtype(config.compute_dtype))
         self.model_loss = ModelLoss(self.model, task)
         self.expected_train_size = int(expected_train_size or self.n_train)
         self.steps_per_epoch = steps_per_epoch(self.expected_train_size, config.batch_size)
@@ -326,7 +320,7 @@ class Trainer:
             epoch_schedule, batch_size=config.batch_size, steps_per_epoch=self.steps_per_epoch,
             epochs=config.epochs)
         self.gradient_estimator = gradient_estimator or mean_gradient(config.grad_accum)
-        self.eval_batch_size = int(eval_batch_size or config.batch_size)
+        self.eval_batch_size = int(eval_batch_size or config.micro_batch_size)
         self.steps_per_call = steps_per_call
         self.compile_seconds = {}  # program name -> seconds spent compiling it in this process
         self._programs = {}
@@ -354,7 +348,7 @@ class Trainer:
         n_steps, batch_size = batches["indices"].shape
         epoch_steps = max(1, n_steps // self.config.epochs)
         chunk_steps = _chunk_steps(n_steps, self.steps_per_call or default_chunk_steps(epoch_steps))
-        optimizer = optim.make_optimizer(self.config, epoch_steps, n_steps)
+        optimizer = optim.make_optimizer(self.config, n_steps)
         sample = jnp.zeros((1, *self.images.shape[1:]), jnp.float32)
 
         def init(seed):
