@@ -1,12 +1,16 @@
 """The patient-level plan: exact IN counts, LiRA's construction, storage and refusal of mismatches."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from medleak import rundir
 from medleak.campaign import plan
-from medleak.config import TrainConfig
+from medleak.config import CampaignConfig, TrainConfig
+from medleak.io_utils import write_json
 from medleak.data_utils.records import RecordsTable
 from medleak.errors import MedleakError
 
@@ -84,7 +88,8 @@ def make_tables(n_patients=6, images_per_patient=2):
 
 
 def document(train, test, **config):
-    return plan.plan_document("toy", train, test, TrainConfig(**config), n_runs=4, subset_ratio=0.5, seed=0)
+    config = plan.resolve_backend_choices(TrainConfig(**config))
+    return plan.plan_document("toy", train, test, config, CampaignConfig(n_runs=4, subset_ratio=0.5, seed=0))
 
 
 def test_plan_is_written_once_and_then_checked(tmp_path):
@@ -124,3 +129,77 @@ def test_unreadable_plan_json_is_a_one_line_error(tmp_path):
     (tmp_path / rundir.PLAN_FILE).write_text('{"format": 1, "dataset": ')  # cut short (a hand edit, a full disk)
     with pytest.raises(MedleakError, match="plan.json: unreadable"):
         rundir.read_plan(tmp_path)
+
+
+def test_plan_records_the_schedule_and_the_compute_dtype_auto_resolved_to(tmp_path):
+    train, test = make_tables()  # 12 training records
+    stored, _, _ = plan.ensure_plan(tmp_path, document(train, test, epochs=3, batch_size=4), train, test)
+    assert stored["format"] == plan.PLAN_FORMAT
+    # half of 12 records per run, 4 per update: 2 steps per epoch, 6 in all
+    assert stored["schedule"] == {"expected_train_size": 6, "steps_per_epoch": 2, "steps": 6}
+    assert stored["train_config"]["compute_dtype"] == "float32"  # "auto" on this CPU
+    assert stored["train_config"]["warmup"] == TrainConfig().warmup
+    assert stored["campaign"] == {"n_runs": 4, "subset_ratio": 0.5, "seed": 0}
+    assert stored["created_on"].startswith("cpu")
+    with pytest.raises(ValueError, match="auto"):
+        plan.plan_document("toy", train, test, TrainConfig(), CampaignConfig())
+
+
+def test_a_worker_given_auto_follows_the_plans_dtype_and_an_explicit_other_dtype_is_refused(tmp_path):
+    train, test = make_tables()
+    # Planned by a worker whose backend chose bfloat16 (an accelerator).
+    plan.ensure_plan(tmp_path, document(train, test, compute_dtype="bfloat16"), train, test)
+    requested = TrainConfig(compute_dtype="auto")
+    here = document(train, test, compute_dtype="auto")  # resolved on this CPU: float32
+    assert here["train_config"]["compute_dtype"] == "float32"
+    stored, _, created = plan.ensure_plan(tmp_path, here, train, test, requested)
+    assert not created and TrainConfig.from_dict(stored["train_config"]).compute_dtype == "bfloat16"
+    explicit = document(train, test, compute_dtype="float32")
+    with pytest.raises(MedleakError, match=r"train_config.compute_dtype \(logdir: bfloat16, now: float32\)"):
+        plan.ensure_plan(tmp_path, explicit, train, test, TrainConfig(compute_dtype="float32"))
+    with pytest.raises(MedleakError, match="compute_dtype"):  # without `requested`, nothing is followed
+        plan.ensure_plan(tmp_path, here, train, test)
+
+
+def format_1_plan(train, test, **config):
+    """A plan.json as format 1 wrote it: warm-up in epochs, no schedule block."""
+    doc = document(train, test, **config)
+    train_config = dict(doc["train_config"])
+    epochs = train_config["epochs"]
+    train_config["warmup_epochs"] = train_config.pop("warmup") * epochs
+    old = {k: v for k, v in doc.items() if k != "schedule"}
+    return dict(old, format=1, train_config=train_config)
+
+
+def test_an_older_plan_format_is_one_line_naming_the_migration_which_then_makes_it_current(tmp_path):
+    train, test = make_tables()
+    plan.ensure_plan(tmp_path, document(train, test, epochs=4, warmup=0.25), train, test)
+    current = rundir.read_plan(tmp_path)
+    old = format_1_plan(train, test, epochs=4, warmup=0.25)
+    assert old["train_config"]["warmup_epochs"] == 1.0
+    write_json(tmp_path / rundir.PLAN_FILE, old)
+    with pytest.raises(MedleakError) as err:
+        plan.ensure_plan(tmp_path, document(train, test, epochs=4, warmup=0.25), train, test)
+    message = str(err.value)
+    assert "\n" not in message and "format 1" in message
+    assert f"python -m medleak.campaign.plan --migrate {tmp_path}" in message and "new --logdir" in message
+
+    done = subprocess.run([sys.executable, "-m", "medleak.campaign.plan", "--migrate", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "from format 1 to 2" in done.stdout
+    migrated = rundir.read_plan(tmp_path)
+    assert migrated["format"] == 2 and migrated["train_config"]["warmup"] == 0.25
+    assert "warmup_epochs" not in migrated["train_config"]
+    assert migrated["schedule"] == current["schedule"]
+    assert plan.plan_differences(migrated, current) == []  # provenance aside, the same campaign
+    assert (tmp_path / plan.superseded_plan_file(1)).is_file()
+    stored, _, created = plan.ensure_plan(tmp_path, document(train, test, epochs=4, warmup=0.25), train, test)
+    assert not created and stored["format"] == 2
+
+
+def test_a_newer_plan_format_is_refused(tmp_path):
+    train, test = make_tables()
+    write_json(tmp_path / rundir.PLAN_FILE, dict(document(train, test), format=plan.PLAN_FORMAT + 1))
+    with pytest.raises(MedleakError, match="newer than this medleak"):
+        plan.ensure_plan(tmp_path, document(train, test), train, test)

@@ -20,7 +20,7 @@ import pytest
 from medleak import rundir
 from medleak.campaign import plan
 from medleak.campaign.workqueue import Progress, WorkQueue
-from medleak.config import TrainConfig
+from medleak.config import CampaignConfig, TrainConfig
 from medleak.data_utils.records import RecordsTable
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -82,8 +82,8 @@ def worker_main(cfg):
             time.sleep(0.01)
         train, test = toy_tables()
         queue = WorkQueue(cfg["logdir"], lease_seconds=cfg["lease"], max_attempts=cfg["max_attempts"])
-        document = plan.plan_document("toy", train, test, TrainConfig(model="softmax_regression", epochs=cfg["epochs"]),
-                                      n_runs=cfg["n_runs"], subset_ratio=0.5, seed=0)
+        config = TrainConfig(model="softmax_regression", epochs=cfg["epochs"], compute_dtype="float32")
+        document = plan.plan_document("toy", train, test, config, CampaignConfig(n_runs=cfg["n_runs"]))
         _, patient_mask, created = prepare_campaign(queue, document, train, test)
         emit(cfg["events"], kind="plan", created=created, mask=patient_mask.astype(int).tolist())
         if cfg.get("plan_only"):

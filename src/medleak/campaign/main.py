@@ -21,6 +21,7 @@ import numpy as np
 from medleak import rundir
 from medleak.campaign import plan
 from medleak.campaign.workqueue import WorkQueue, work_loop
+from medleak.config import TrainConfig
 from medleak.errors import MedleakError
 
 EVAL_ONLY_DIR = "eval_only"
@@ -30,18 +31,21 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def prepare_campaign(queue: WorkQueue, document: dict, train_table, test_table, log=_log):
+def prepare_campaign(queue: WorkQueue, document: dict, train_table, test_table, log=_log, requested=None):
     """Creates the logdir's plan (first worker) or checks it (later ones), all under the queue lock.
 
-    Returns (stored plan document, patient mask, created).
+    `requested`: the worker's TrainConfig as given (see `plan.ensure_plan`). Returns (stored plan
+    document, patient mask, created).
     """
     with queue.locked():
-        stored, patient_mask, created = plan.ensure_plan(queue.logdir, document, train_table, test_table)
+        stored, patient_mask, created = plan.ensure_plan(queue.logdir, document, train_table, test_table,
+                                                         requested)
         queue.initialize(stored["campaign"]["n_runs"])
     if created:
         campaign = stored["campaign"]
         log(f"created the plan of {campaign['n_runs']} runs over {stored['n_patients']} patients "
-            f"({stored['n_train_records']} training records) in {queue.logdir}")
+            f"({stored['n_train_records']} training records) in {queue.logdir}; "
+            f"{stored['schedule']['steps']} steps per run in {stored['train_config']['compute_dtype']}")
     return stored, patient_mask, created
 
 
@@ -171,18 +175,19 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
         from medleak.dp.estimator import campaign_delta
         train_config = campaign_delta(train_config, train_table.df["patient_id"].astype(str).to_numpy(),
                                       rundir.read_plan(logdir))
-    document = plan.plan_document(dataset, train_table, test_table, train_config,
-                                  n_runs=campaign_config.n_runs, subset_ratio=campaign_config.subset_ratio,
-                                  seed=campaign_config.seed)
-    _, patient_mask, _ = prepare_campaign(queue, document, train_table, test_table, log=log)
+    # "auto" choices (the compute dtype) are made for this backend, or taken from an existing plan.
+    document = plan.plan_document(dataset, train_table, test_table, plan.resolve_backend_choices(train_config),
+                                  campaign_config)
+    stored, patient_mask, _ = prepare_campaign(queue, document, train_table, test_table, log=log,
+                                               requested=train_config)
+    train_config = TrainConfig.from_dict(stored["train_config"])  # the plan's, equal up to "auto" choices
     _, record_patient_index = plan.patient_index(train_table.df["patient_id"])
 
     @functools.cache
     def run_trainer():
         # built on the first claim only: a worker with nothing to do never decodes or compiles
-        expected = max(1, round(campaign_config.subset_ratio * train_table.n_records))
-        return RunTrainer(train_table, test_table, train_config, data_root, expected_train_size=expected,
-                          cache=cache, log=log)
+        return RunTrainer(train_table, test_table, train_config, data_root,
+                          expected_train_size=stored["schedule"]["expected_train_size"], cache=cache, log=log)
 
     def do_run(claim) -> Path:
         run_index = claim.run_index
@@ -203,6 +208,7 @@ def run_eval_only(dataset: str, *, data_root, logdir, train_config, campaign_con
     Written to `<logdir>/eval_only/` (same files as a run directory; replaced on every call).
     """
     train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
+    train_config = plan.resolve_backend_choices(train_config)  # recorded in metrics.json as trained
     trainer = RunTrainer(train_table, test_table, train_config, data_root,
                          expected_train_size=train_table.n_records, cache=cache, log=log)
     contents = trainer.train_and_infer(np.ones(train_table.n_records, dtype=bool), campaign_config.seed)

@@ -6,24 +6,38 @@ every patient is IN for exactly k = round(subset_ratio * n_runs) runs and OUT fo
 inherit their patient's bit, so all images of a patient are in or out together.
 
 The plan is written once per logdir (by the first worker, while it holds the queue lock) with
-everything that makes two models comparable: the dataset hash and the full TrainConfig. A later
-worker whose dataset or config differs is refused (`check_plan`) rather than mixing models.
+everything that decides the models: the dataset and its hash, label names, the full TrainConfig
+(with choices made for the backend of the worker that wrote it, such as the compute dtype that
+"auto" stood for), the planned campaign fields and the step schedule. A later worker whose dataset
+or config differs is refused (`check_plan`) rather than mixing models; one given "auto" follows the
+plan's choice whatever its own backend.
+
+Plan format 2 (this version): warm-up as a fraction of all steps (`train_config.warmup`), the
+resolved compute dtype, and the `schedule` block. A format-1 plan (warm-up in epochs) is refused
+with one line; `python -m medleak.campaign.plan --migrate LOGDIR` rewrites it as format 2.
 """
 
+import argparse
+import dataclasses
 import datetime
+import math
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from medleak.config import CampaignConfig, TrainConfig
 from medleak.errors import MedleakError
 from medleak.io_utils import save_npy, write_csv, write_json
 from medleak.rundir import (MASK_FILE, PATIENTS_FILE, PLAN_FILE, RECORDS_FILE, TEST_RECORDS_FILE,
                             load_patient_mask, read_plan)
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
+# TrainConfig fields whose flag value "auto" is resolved per backend when the plan is made.
+BACKEND_CHOICES = ("compute_dtype",)
 
 
 def runs_in_per_patient(n_runs: int, subset_ratio: float) -> int:
@@ -75,16 +89,37 @@ def run_seed(campaign_seed: int, run_index: int, attempt: int = 1) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
 
 
-def plan_document(dataset: str, train_table, test_table, train_config, *, n_runs: int,
-                  subset_ratio: float, seed: int) -> dict:
-    """The identity of a campaign: what plan.json stores and what later workers must match."""
+def expected_train_size(n_train_records: int, subset_ratio: float) -> int:
+    """Records a run is expected to train on (fixes steps per epoch for every run of a campaign)."""
+    return max(1, round(subset_ratio * n_train_records))
+
+
+def step_schedule(train_config: TrainConfig, n_train_records: int, subset_ratio: float) -> dict:
+    """The `schedule` block of plan.json: optimiser steps every run of the campaign takes."""
+    expected = expected_train_size(n_train_records, subset_ratio)
+    per_epoch = max(1, math.ceil(expected / train_config.batch_size))
+    return {"expected_train_size": int(expected), "steps_per_epoch": int(per_epoch),
+            "steps": int(per_epoch * train_config.epochs)}
+
+
+def plan_document(dataset: str, train_table, test_table, train_config: TrainConfig,
+                  campaign_config: CampaignConfig) -> dict:
+    """The identity of a campaign: what plan.json stores and what later workers must match.
+
+    `train_config` must have its per-backend choices resolved (`resolve_backend_choices`).
+    """
+    if train_config.compute_dtype == "auto":
+        raise ValueError("resolve compute_dtype='auto' before making the plan (resolve_backend_choices)")
+    campaign = campaign_config.planned()
     return {
         "format": PLAN_FORMAT,
         "dataset": dataset,
         "dataset_hash": train_table.content_hash(),
         "test_dataset_hash": test_table.content_hash(),
         "train_config": train_config.to_dict(),
-        "campaign": {"n_runs": int(n_runs), "subset_ratio": float(subset_ratio), "seed": int(seed)},
+        "campaign": {"n_runs": int(campaign["n_runs"]), "subset_ratio": float(campaign["subset_ratio"]),
+                     "seed": int(campaign["seed"])},
+        "schedule": step_schedule(train_config, train_table.n_records, campaign["subset_ratio"]),
         "n_patients": int(len(train_table.patient_ids())),
         "n_train_records": int(train_table.n_records),
         "n_test_records": int(test_table.n_records),
@@ -95,8 +130,41 @@ def plan_document(dataset: str, train_table, test_table, train_config, *, n_runs
     }
 
 
+def resolve_backend_choices(train_config: TrainConfig) -> TrainConfig:
+    """`train_config` with "auto" choices made for this process's backend (bfloat16 on GPU/TPU…)."""
+    from medleak.train_utils.device import resolve_compute_dtype
+
+    return dataclasses.replace(train_config, compute_dtype=resolve_compute_dtype(train_config.compute_dtype))
+
+
+def follow_plan(document: dict, stored: dict, requested: TrainConfig) -> dict:
+    """`document` with the stored plan's per-backend choices where the worker asked for "auto".
+
+    A worker on a CPU joining a campaign planned on GPUs trains in the plan's bfloat16, so all runs
+    are the same models; an explicit --compute_dtype that differs is still refused by `check_plan`.
+    """
+    followed = dict(document, train_config=dict(document["train_config"]))
+    for name in BACKEND_CHOICES:
+        if getattr(requested, name) == "auto" and name in stored.get("train_config", {}):
+            followed["train_config"][name] = stored["train_config"][name]
+    return followed
+
+
 # Keys that only describe how/when a plan was written; they never make two workers incomparable.
-_PROVENANCE_KEYS = ("created", "created_by")
+_PROVENANCE_KEYS = ("created", "created_by", "created_on", "migrated")
+
+
+def check_format(logdir, stored: dict) -> None:
+    """Refuses (one line) a plan written in another format, saying how to migrate it."""
+    found = stored.get("format")
+    if found == PLAN_FORMAT:
+        return
+    path = Path(logdir) / PLAN_FILE
+    if isinstance(found, int) and found > PLAN_FORMAT:
+        raise MedleakError(f"{path}: plan format {found} is newer than this medleak's ({PLAN_FORMAT}); "
+                           "upgrade medleak or start a new --logdir")
+    raise MedleakError(f"{path}: plan format {found} is older than this medleak's ({PLAN_FORMAT}); migrate it "
+                       f"with `python -m medleak.campaign.plan --migrate {logdir}` or start a new --logdir")
 
 
 def plan_differences(stored: dict, wanted: dict) -> list[str]:
@@ -159,18 +227,25 @@ def write_plan(logdir, document: dict, patient_mask: np.ndarray, patient_ids, tr
     write_csv(logdir / RECORDS_FILE, train_table.df[record_columns])
     write_csv(logdir / TEST_RECORDS_FILE, test_table.df[record_columns])
     stamped = dict(document)
-    stamped["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stamped["created"] = _now()
     stamped["created_by"] = f"{socket.gethostname()}:{os.getpid()}"
+    stamped["created_on"] = _backend_description()  # where the per-backend choices were made
     write_json(logdir / PLAN_FILE, stamped)
 
 
-def ensure_plan(logdir, document: dict, train_table, test_table) -> tuple[dict, np.ndarray, bool]:
+def ensure_plan(logdir, document: dict, train_table, test_table,
+                requested: TrainConfig | None = None) -> tuple[dict, np.ndarray, bool]:
     """Creates the plan if the logdir has none, else checks that it matches `document`.
 
-    Returns (stored plan document, patient mask, created). Must be called with the queue lock held.
+    `requested`: the worker's TrainConfig before per-backend choices were resolved; where it says
+    "auto", the stored plan's choice is followed (`follow_plan`). Returns (stored plan document,
+    patient mask, created). Must be called with the queue lock held.
     """
     stored = read_plan(logdir)
     if stored is not None:
+        check_format(logdir, stored)
+        if requested is not None:
+            document = follow_plan(document, stored, requested)
         check_plan(logdir, stored, document)
         return stored, load_patient_mask(logdir), False
     campaign = document["campaign"]
@@ -178,3 +253,76 @@ def ensure_plan(logdir, document: dict, train_table, test_table) -> tuple[dict, 
     mask = make_patient_mask(campaign["n_runs"], len(patient_ids), campaign["subset_ratio"], campaign["seed"])
     write_plan(logdir, document, mask, patient_ids, train_table, test_table)
     return read_plan(logdir), mask, True
+
+
+def superseded_plan_file(plan_format) -> str:
+    """Where `migrate_plan` keeps the plan.json it replaced, beside it in the logdir."""
+    return f"plan.format{plan_format}.json"
+
+
+def migrate_plan(logdir) -> dict:
+    """Rewrites a format-1 plan.json as format 2 (atomically; the old file is kept beside it).
+
+    Format 1 stored the warm-up in epochs (`warmup_epochs`); the same number of warm-up steps is
+    the fraction warmup_epochs / epochs of all steps. The `schedule` block is computed as the
+    format-1 campaign ran. Returns the new document.
+    """
+    logdir = Path(logdir)
+    stored = read_plan(logdir)
+    if stored is None:
+        raise MedleakError(f"{logdir / PLAN_FILE}: no plan to migrate")
+    if stored.get("format") == PLAN_FORMAT:
+        return stored
+    if stored.get("format") != 1:
+        check_format(logdir, stored)  # a newer format: says so
+    config = dict(stored["train_config"])
+    warmup_epochs = float(config.pop("warmup_epochs", 0.0))
+    if warmup_epochs >= config["epochs"]:
+        raise MedleakError(f"{logdir / PLAN_FILE}: warm-up of {warmup_epochs} epochs covers the whole run, which "
+                           "format 2 cannot express (warm-up < all steps); start a new --logdir")
+    config["warmup"] = warmup_epochs / config["epochs"]
+    train_config = TrainConfig.from_dict(config)
+    migrated = dict(stored, format=PLAN_FORMAT, train_config=train_config.to_dict(),
+                    schedule=step_schedule(train_config, stored["n_train_records"],
+                                           stored["campaign"]["subset_ratio"]),
+                    migrated=f"from format {stored['format']} on {_now()}")
+    write_json(logdir / superseded_plan_file(stored["format"]), stored)
+    write_json(logdir / PLAN_FILE, migrated)
+    return migrated
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _backend_description() -> str:
+    from medleak.rundir import environment_info
+
+    return environment_info()["device"]
+
+
+def main(argv=None) -> int:
+    """`python -m medleak.campaign.plan --migrate LOGDIR`: bring an older logdir's plan up to date."""
+    from medleak.cli import main_guard
+
+    parser = argparse.ArgumentParser(prog="python -m medleak.campaign.plan", description=main.__doc__)
+    parser.add_argument("--migrate", metavar="LOGDIR", required=True, help="logdir whose plan.json to rewrite")
+    args = parser.parse_args(argv)
+
+    @main_guard
+    def migrate():
+        path = Path(args.migrate) / PLAN_FILE
+        old_format = (read_plan(args.migrate) or {}).get("format")
+        migrate_plan(args.migrate)
+        if old_format == PLAN_FORMAT:
+            print(f"{path} is already format {PLAN_FORMAT}")
+        else:
+            print(f"migrated {path} from format {old_format} to {PLAN_FORMAT} "
+                  f"(the old file is kept as {path.with_name(superseded_plan_file(old_format))})")
+        return 0
+
+    return migrate()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
