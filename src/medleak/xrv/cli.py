@@ -21,34 +21,41 @@ FLAGS = flags.FLAGS
 SCORE_DATASETS = ("chexpert", "mimic")
 
 
+def _flag(define, name, default, help_text) -> None:
+    # Registered as flags of the running script, so its --help lists them (absl shows the main
+    # module's flags).
+    define(name, default, help_text, module_name=sys.argv[0])
+
+
 def _refuse_arguments(argv) -> None:
     if len(argv) > 1:
         raise MedleakError(f"unexpected arguments {argv[1:]}; all settings are --flags (see --help)")
 
 
 def define_score_flags() -> None:
-    flags.DEFINE_list("datasets", list(SCORE_DATASETS), "datasets to audit (their TorchXRayVision models are the targets)")
-    flags.DEFINE_string("chexpert_root", "./data/chexpert", "the downloaded CheXpert dataset (official layout)")
-    flags.DEFINE_string("mimic_root", "./data/mimic", "the downloaded MIMIC-CXR-JPG dataset (official layout)")
-    flags.DEFINE_string("logdir", "./logs/torchxrayvision", "output: one logdir per dataset is written inside")
-    flags.DEFINE_string("weights_dir", None, "folder holding TorchXRayVision's weights files under their release "
-                        "names (default: TorchXRayVision's cache, ~/.torchxrayvision/models_data)")
-    flags.DEFINE_bool("download", False, "download missing weights files from TorchXRayVision's release page")
-    flags.DEFINE_bool("trust_pickle", False, "load weights files that need arbitrary pickled objects, as "
-                      "TorchXRayVision itself does (only for files from its release page)")
-    flags.DEFINE_integer("n_per", 25_000, "members and non-members drawn per dataset (fewer if not available)")
-    flags.DEFINE_integer("seed", 0, "seed of the member / non-member draw")
-    flags.DEFINE_list("views", ["PA", "AP"], "views kept by TorchXRayVision's dataset classes when the model was "
-                      "trained ('*' for all)")
-    flags.DEFINE_string("reference", "densenet121-res224-pc", "TorchXRayVision model used as the reference (OUT) model")
-    flags.DEFINE_integer("batch_size", 32, "images per forward pass")
-    flags.DEFINE_integer("num_workers", min(8, os.cpu_count() or 1), "processes decoding and resizing images")
-    flags.DEFINE_string("device", "auto", "torch device: auto (GPU if available), cpu, cuda, cuda:1 ...")
-    flags.DEFINE_bool("overwrite", False, "replace existing logdirs")
+    string, integer, boolean, listing = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_bool, flags.DEFINE_list
+    _flag(listing, "datasets", list(SCORE_DATASETS), "datasets to audit (their TorchXRayVision models are the targets)")
+    _flag(string, "chexpert_root", "./data/chexpert", "the downloaded CheXpert dataset (official layout)")
+    _flag(string, "mimic_root", "./data/mimic", "the downloaded MIMIC-CXR-JPG dataset (official layout)")
+    _flag(string, "logdir", "./logs/torchxrayvision", "output: one logdir per dataset is written inside")
+    _flag(string, "weights_dir", None, "folder holding TorchXRayVision's weights files under their release names "
+          "(default: TorchXRayVision's cache, ~/.torchxrayvision/models_data)")
+    _flag(boolean, "download", False, "download missing weights files from TorchXRayVision's release page")
+    _flag(boolean, "trust_pickle", False, "load weights files that need arbitrary pickled objects, as "
+          "TorchXRayVision itself does (only for files from its release page)")
+    _flag(integer, "n_per", 25_000, "members and non-members drawn per dataset (fewer if not available)")
+    _flag(integer, "seed", 0, "seed of the member / non-member draw")
+    _flag(listing, "views", ["PA", "AP"], "views kept by TorchXRayVision's dataset classes when the model was "
+          "trained ('*' for all)")
+    _flag(string, "reference", "densenet121-res224-pc", "TorchXRayVision model used as the reference (OUT) model")
+    _flag(integer, "batch_size", 32, "images per forward pass")
+    _flag(integer, "num_workers", min(8, os.cpu_count() or 1), "processes decoding and resizing images")
+    _flag(string, "device", "auto", "torch device: auto (GPU if available), cpu, cuda, cuda:1 ...")
+    _flag(boolean, "overwrite", False, "replace existing logdirs")
     for dataset in SCORE_DATASETS:
         for option, (default, help_text) in dataset_options(dataset).items():
-            flags.DEFINE_string(f"{dataset}_{option}", None if default is None else str(default),
-                                f"[{dataset} loader] {help_text}")
+            _flag(string, f"{dataset}_{option}", None if default is None else str(default),
+                  f"[{dataset} loader] {help_text}")
 
 
 def loader_options(dataset) -> dict:
@@ -77,16 +84,16 @@ def scores_main(argv):
 
 
 def define_attack_flags() -> None:
-    flags.DEFINE_string("logdir", "./logs/torchxrayvision", "folder holding the per-dataset logdirs of xrv_scores.py")
-    flags.DEFINE_list("datasets", list(SCORE_DATASETS), "datasets whose target models are attacked")
-    flags.DEFINE_string("out_dir", "./figs/torchxrayvision", "where figures and tables are written")
-    flags.DEFINE_string("a", xrv_attack.DEFAULT_A, "offline RMIA's a in [0, 1], or 'auto': tuned on the other dataset's "
-                        "target model (never on the model being attacked)")
-    flags.DEFINE_float("gamma", DEFAULT_GAMMA, "RMIA's likelihood-ratio threshold gamma")
-    flags.DEFINE_integer("n_population", 10_000, "RMIA population records (a seeded random subset of the audit sample)")
-    flags.DEFINE_integer("seed", 0, "seed of RMIA's population draw")
-    flags.DEFINE_float("top_share", 0.01, "share of member patients counted as the most exposed in the composition "
-                       "tables")
+    string, integer, real = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
+    _flag(string, "logdir", "./logs/torchxrayvision", "folder holding the per-dataset logdirs of xrv_scores.py")
+    _flag(flags.DEFINE_list, "datasets", list(SCORE_DATASETS), "datasets whose target models are attacked")
+    _flag(string, "out_dir", "./figs/torchxrayvision", "where figures and tables are written")
+    _flag(string, "a", xrv_attack.DEFAULT_A, "offline RMIA's a in [0, 1], or 'auto': tuned on the other dataset's "
+          "target model (never on the model being attacked)")
+    _flag(real, "gamma", DEFAULT_GAMMA, "RMIA's likelihood-ratio threshold gamma")
+    _flag(integer, "n_population", 10_000, "RMIA population records (a seeded random subset of the audit sample)")
+    _flag(integer, "seed", 0, "seed of RMIA's population draw")
+    _flag(real, "top_share", 0.01, "share of member patients counted as the most exposed in the composition tables")
 
 
 @main_guard
