@@ -20,8 +20,8 @@ echo "== 2/4 training 16 shadow models (small_cnn, 16x16, CPU) -> $out/logs"
 # No augmentation and enough epochs that the models memorise what they cannot learn (the planted
 # patients' wrong labels), as large models do on real data.
 "$python" chexpert.py --data_root="$out/data" --logdir="$out/logs" \
-  --n_runs=16 --model=small_cnn --img_size=16,16 --epochs=60 --batch_size=64 \
-  --learning_rate=0.05 --ema_decay=0 --augment=none --eval_views=1
+  --n_runs=16 --model=small_cnn --img_size=16,16 --epochs=60 --batch_size=64 --grad_accum=1 \
+  --learning_rate=0.05 --weight_decay=5e-4 --warmup=0.02 --ema_decay=0 --augment=none --eval_views=1
 
 echo "== 3/4 attacks and report -> $out/figs"
 # 16 models: hold out 4 as attack targets so each record keeps IN and OUT shadows.

@@ -14,7 +14,7 @@
 #   DATASETS         datasets in order (default: fitzpatrick fairvision embed chexpert mimic)
 #   DATA_DIR         holds one folder per dataset: $DATA_DIR/<dataset> is its --data_root (./data)
 #   LOG_DIR          $LOG_DIR/<dataset> is its --logdir (./logs)
-#   N_RUNS           shadow models per dataset (200, as in the paper)
+#   N_RUNS           shadow models per dataset (default: the scripts' --n_runs, 200 as in the paper)
 #   WORKERS_PER_GPU  worker processes per visible GPU (1); small models train faster with 2–4
 #   GPUS             GPU indices to use (default: $CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi
 #                    lists, else none: WORKERS_PER_GPU workers on the CPU)
@@ -26,7 +26,10 @@ PYTHON=${PYTHON:-python}
 DATASETS=${DATASETS:-"fitzpatrick fairvision embed chexpert mimic"}
 DATA_DIR=${DATA_DIR:-./data}
 LOG_DIR=${LOG_DIR:-./logs}
-N_RUNS=${N_RUNS:-200}
+n_runs_flag=()
+if [ -n "${N_RUNS:-}" ]; then
+  n_runs_flag=(--n_runs="$N_RUNS")
+fi
 WORKERS_PER_GPU=${WORKERS_PER_GPU:-1}
 
 if [ -z "${GPUS+x}" ]; then
@@ -70,7 +73,7 @@ for dataset in $DATASETS; do
         device_env=(env CUDA_VISIBLE_DEVICES="$gpu")
       fi
       "${device_env[@]}" "$PYTHON" "$dataset.py" --data_root="$DATA_DIR/$dataset" --logdir="$logdir" \
-        --n_runs="$N_RUNS" --workers_per_device="$WORKERS_PER_GPU" "$@" >"$log" 2>&1 &
+        "${n_runs_flag[@]}" --workers_per_device="$WORKERS_PER_GPU" "$@" >"$log" 2>&1 &
       pids+=("$!")
     done
   done
