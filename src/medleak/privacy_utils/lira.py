@@ -183,9 +183,10 @@ def gaussian_params(stats, *, offline=False, fix_variance=False):
         sd_in = np.where(sd_in > 0, sd_in, pooled_in)
         sd_out = np.where(sd_out > 0, sd_out, pooled_out)
     both = (n_in > 0) & (n_out > 0)
-    gap = np.nanmedian(mu_in[both] - mu_out[both], axis=0) if both.any() else np.zeros(mu_in.shape[1])
-    mu_in[n_in == 0] = mu_out[n_in == 0] + gap
-    mu_out[n_out == 0] = mu_in[n_out == 0] - gap
+    if not both.all():  # the median gap (a sort over records) only when some record lacks a group
+        gap = np.nanmedian(mu_in[both] - mu_out[both], axis=0) if both.any() else np.zeros(mu_in.shape[1])
+        mu_in[n_in == 0] = mu_out[n_in == 0] + gap
+        mu_out[n_out == 0] = mu_in[n_out == 0] - gap
     if not offline and (~both).any():
         warnings.warn(
             f"{int((~both).sum())} record(s) have no IN or no OUT shadow model; their missing Gaussian "
