@@ -13,20 +13,16 @@ four LiRA variants and RMIA online + offline for every target — and their tota
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from medleak.privacy_utils import lira, rmia  # noqa: E402
-from medleak.privacy_utils.attacks import LIRA_OPTIONS, RMIA_VARIANTS, attack_targets  # noqa: E402
-from medleak.privacy_utils.lira import campaign_stats  # noqa: E402
-from medleak.privacy_utils.risk import record_auc_from_moments  # noqa: E402
-from medleak.privacy_utils.scores import rmia_from_lira  # noqa: E402
-from medleak.privacy_utils.shadows import fit_shadows  # noqa: E402
+from medleak.privacy_utils import lira, rmia
+from medleak.privacy_utils.attacks import LIRA_OPTIONS, RMIA_VARIANTS, attack_targets
+from medleak.privacy_utils.lira import campaign_stats
+from medleak.privacy_utils.risk import record_auc_from_moments
+from medleak.privacy_utils.scores import rmia_from_lira
+from medleak.privacy_utils.shadows import fit_shadows
 
 
 def synthetic_scores(n_models, n_records, n_views, seed=0):

@@ -8,16 +8,13 @@ loads it again (warm: key check + memmap + reading every byte into RAM). Target:
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from medleak.data_utils import datasets, image_cache, synthetic  # noqa: E402
+from medleak.data_utils import datasets, image_cache, synthetic
 
 
 def main():

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from medleak import rundir
+from medleak.data_utils import datasets, image_cache, synthetic
 
-from medleak import rundir  # noqa: E402
-from medleak.data_utils import datasets, image_cache, synthetic  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_workers(n_workers, flags, logdir):
