@@ -300,11 +300,59 @@ class _Budget:
     metrics: list
 
 
+def audit_budget(budget: _Budget, options: AuditOptions, out_dir, dataset):
+    """One logdir's step: its single audit into <out_dir>/<label>/, then (budgets.csv row, record eSF curve,
+    patient eSF curve, utility per subgroup)."""
+    from medleak.dp.accounting import empirical_epsilon_lower_bound
+
+    single_dir = out_dir / budget.label
+    audit = audit_campaign(load_campaign(budget.logdir, progress=options.progress),
+                           dataclasses.replace(options, out_dir=single_dir, dataset=dataset))
+    record_table, patient_table = audit.record_table, audit.patient_table
+    bound = auc_bound(budget.facts)
+    p_bounds = patient_bounds(budget.facts, bound, patient_table["n_records"].to_numpy())
+    units = trial_units(record_table["patient_id"].to_numpy(), budget.facts["unit"])
+    attack, in_scores, out_scores, n_candidates = strongest_attack_scores(audit.attack_scores, audit.target_masks, units)
+    del audit
+    delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else 1.0 / len(patient_table)
+    empirical = (empirical_epsilon_lower_bound(in_scores, out_scores, delta, significance=0.05 / n_candidates)
+                 if in_scores.size and out_scores.size else math.nan)
+    row = budget_row(budget.label, budget.facts, utility_summary(budget.metrics), record_table, patient_table,
+                     bound, p_bounds, empirical, in_scores.size + out_scores.size, attack)
+    name = epsilon_text(budget.facts["target_epsilon"])
+    finite = math.isfinite(budget.facts["target_epsilon"])
+    record_curve = (f"ε = {name} ({budget.facts['unit']}-level)" if finite else "ε = ∞ (no DP)",
+                    record_table["auc"].to_numpy(float), bound if finite else None)
+    if finite and budget.facts["unit"] == "record":
+        p_line, p_text = float(p_bounds.max()), f"group privacy, {int(patient_table['n_records'].max())} images"
+    else:
+        p_line, p_text = (bound, "patient-level bound") if finite else (None, None)
+    patient_curve = (record_curve[0], patient_table["auc_max"].to_numpy(float), p_line, p_text)
+    groups = subgroup_utility(budget.metrics)
+    groups.insert(0, "target_epsilon", budget.facts["target_epsilon"])
+    groups.insert(0, "logdir", budget.label)
+    return row, record_curve, patient_curve, groups
+
+
+def budget_figures(out_dir, table, subgroup_table, record_curves, patient_curves) -> dict:
+    """The comparison's figures: {key: PNG path}."""
+    figs = {
+        "esf_records": figures.budget_esf_figure([(label, values, bound, "AUC bound") for label, values, bound in record_curves], out_dir,
+                                                 "budgets_esf_records", "Record-level risk per privacy budget", "records"),
+        "esf_patients": figures.budget_esf_figure(patient_curves, out_dir, "budgets_esf_patients",
+                                                  "Patient-level risk (worst image) per privacy budget", "patients"),
+        "utility": figures.utility_vs_epsilon_figure(table, out_dir, "budgets_utility"),
+    }
+    for attribute in subgroup_table["attribute"].unique():
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", str(attribute)).strip("_")
+        figs[f"subgroup_{slug}"] = figures.subgroup_utility_vs_epsilon_figure(
+            subgroup_table[subgroup_table["attribute"] == attribute], out_dir, f"budgets_utility_{slug}", attribute)
+    return figs
+
+
 def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
     """Audits each logdir into <out_dir>/<label>/ and compares them in <out_dir>/ (budgets.csv, figures,
     budgets.html). Returns a summary dict (also written as budgets.json). Checks every logdir first."""
-    from medleak.dp.accounting import empirical_epsilon_lower_bound
-
     check_options(options)
     logdirs = [Path(p) for p in logdirs]
     if len(logdirs) < 2:
@@ -319,51 +367,14 @@ def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
     budgets.sort(key=lambda b: (b.facts["target_epsilon"], b.label))
     out_dir = make_out_dir(options, Path("figs") / f"{dataset}_dp")
 
-    rows, record_curves, patient_curves, subgroup_rows = [], [], [], []
-    for budget in tqdm(budgets, desc="budgets", unit="logdir", disable=not options.progress):
-        single_dir = out_dir / budget.label
-        audit = audit_campaign(load_campaign(budget.logdir, progress=options.progress),
-                               dataclasses.replace(options, out_dir=single_dir, dataset=dataset))
-        record_table, patient_table = audit.record_table, audit.patient_table
-        bound = auc_bound(budget.facts)
-        p_bounds = patient_bounds(budget.facts, bound, patient_table["n_records"].to_numpy())
-        units = trial_units(record_table["patient_id"].to_numpy(), budget.facts["unit"])
-        attack, in_scores, out_scores, n_candidates = strongest_attack_scores(audit.attack_scores, audit.target_masks, units)
-        del audit
-        delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else 1.0 / len(patient_table)
-        empirical = (empirical_epsilon_lower_bound(in_scores, out_scores, delta, significance=0.05 / n_candidates)
-                     if in_scores.size and out_scores.size else math.nan)
-        rows.append(budget_row(budget.label, budget.facts, utility_summary(budget.metrics), record_table, patient_table,
-                               bound, p_bounds, empirical, in_scores.size + out_scores.size, attack))
-        name = epsilon_text(budget.facts["target_epsilon"])
-        finite = math.isfinite(budget.facts["target_epsilon"])
-        record_curves.append((f"ε = {name} ({budget.facts['unit']}-level)" if finite else "ε = ∞ (no DP)",
-                              record_table["auc"].to_numpy(float), bound if finite else None))
-        if finite and budget.facts["unit"] == "record":
-            p_line, p_text = float(p_bounds.max()), f"group privacy, {int(patient_table['n_records'].max())} images"
-        else:
-            p_line, p_text = (bound, "patient-level bound") if finite else (None, None)
-        patient_curves.append((record_curves[-1][0], patient_table["auc_max"].to_numpy(float), p_line, p_text))
-        groups = subgroup_utility(budget.metrics)
-        groups.insert(0, "target_epsilon", budget.facts["target_epsilon"])
-        groups.insert(0, "logdir", budget.label)
-        subgroup_rows.append(groups)
-
+    steps = [audit_budget(budget, options, out_dir, dataset)
+             for budget in tqdm(budgets, desc="budgets", unit="logdir", disable=not options.progress)]
+    rows, record_curves, patient_curves, subgroup_rows = (list(column) for column in zip(*steps))
     table = pd.DataFrame(rows)
     write_csv(out_dir / "budgets.csv", table)
     subgroup_table = pd.concat(subgroup_rows, ignore_index=True)
     write_csv(out_dir / "budgets_utility_by_subgroup.csv", subgroup_table)
-    figs = {
-        "esf_records": figures.budget_esf_figure([(label, values, bound, "AUC bound") for label, values, bound in record_curves], out_dir,
-                                                 "budgets_esf_records", "Record-level risk per privacy budget", "records"),
-        "esf_patients": figures.budget_esf_figure(patient_curves, out_dir, "budgets_esf_patients",
-                                                  "Patient-level risk (worst image) per privacy budget", "patients"),
-        "utility": figures.utility_vs_epsilon_figure(table, out_dir, "budgets_utility"),
-    }
-    for attribute in subgroup_table["attribute"].unique():
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", str(attribute)).strip("_")
-        figs[f"subgroup_{slug}"] = figures.subgroup_utility_vs_epsilon_figure(
-            subgroup_table[subgroup_table["attribute"] == attribute], out_dir, f"budgets_utility_{slug}", attribute)
+    figs = budget_figures(out_dir, table, subgroup_table, record_curves, patient_curves)
     summary = {"dataset": dataset, "logdirs": [str(b.logdir) for b in budgets], "labels": [b.label for b in budgets],
                "budgets": table.drop(columns=["note"]).to_dict(orient="records"), "note": INDEPENDENCE_NOTE}
     write_json(out_dir / "budgets.json", summary)
