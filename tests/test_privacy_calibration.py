@@ -291,6 +291,14 @@ def test_permutation_keeps_each_patients_count():
     permuted = noise_floor.permute_patient_mask(mask, np.random.default_rng(0))
     np.testing.assert_array_equal(permuted.sum(axis=0), mask.sum(axis=0))
     assert not np.array_equal(permuted, mask)
+    # every k-subset equally likely: each model IN with probability k/n, each pair with k(k−1)/(n(n−1))
+    rng = np.random.default_rng(1)
+    draws = np.stack([noise_floor.permute_patient_mask(mask[:, :1], rng)[:, 0] for _ in range(20000)])
+    np.testing.assert_allclose(draws.mean(axis=0), 6 / 12, atol=0.015)
+    assert np.mean(draws[:, 0] & draws[:, 1]) == pytest.approx(6 * 5 / (12 * 11), abs=0.015)
+    uneven = np.zeros((5, 2), dtype=bool)
+    uneven[:1, 1] = True  # counts 0 and 1 stay 0 and 1
+    np.testing.assert_array_equal(noise_floor.permute_patient_mask(uneven, rng).sum(axis=0), [0, 1])
 
 
 def test_share_floor_matches_slow_loop():

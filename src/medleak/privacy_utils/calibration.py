@@ -203,27 +203,39 @@ def rank_auc(summaries, masks, chunk=UNIT_CHUNK):
 
 
 def rank_p_values(u2, n_in, n_out, tied, summaries):
-    """P(2U ≥ u2) per unit under the exact rank null (see `rank_auc`); float64 (n_units,).
+    """P(2U ≥ u2) per unit under the exact rank null (see `rank_auc`); float64 (n_units,)."""
+    return p_value_lookup(n_in, n_out, tied, summaries)(u2)
+
+
+def p_value_lookup(n_in, n_out, tied, summaries):
+    """A function u2 (n_units,) int → exact one-sided p-values, with every unit's null prepared once.
 
     Untied units are grouped by (n_in, n_out), whose null is computed once; tied units read their
-    tie pattern from `summaries` (n_models, n_units) — a pattern does not change when the IN/OUT
-    labels are permuted, so permutation code may pass permuted u2 with the same summaries.
+    tie pattern from `summaries` (n_models, n_units). A tie pattern does not change when the IN/OUT
+    labels are permuted, so permutation code calls the returned function once per relabelling.
     """
-    u2 = np.asarray(u2, dtype=np.int64)
     n_in = np.asarray(n_in, dtype=np.int64)
     n_out = np.asarray(n_out, dtype=np.int64)
     tied = np.asarray(tied, dtype=bool)
-    p = np.empty(u2.shape, dtype=np.float64)
     untied = np.flatnonzero(~tied)
+    tables = []
     if untied.size:
         pairs, group = np.unique(np.stack([n_in[untied], n_out[untied]], axis=1), axis=0, return_inverse=True)
-        for g, (a, b) in enumerate(pairs):
-            members = untied[group.reshape(-1) == g]
-            p[members] = _untied_survival(int(a), int(b))[u2[members]]
-    for unit in np.flatnonzero(tied):
-        column = np.sort(np.asarray(summaries[:, unit], dtype=np.float64))
-        p[unit] = _tied_p_value(int(u2[unit]), int(n_in[unit]), int(n_out[unit]), column)
-    return p
+        group = group.reshape(-1)
+        tables = [(untied[group == g], _untied_survival(int(a), int(b))) for g, (a, b) in enumerate(pairs)]
+    tied_units = [(int(unit), int(n_in[unit]), int(n_out[unit]), np.sort(np.asarray(summaries[:, unit], dtype=np.float64)))
+                  for unit in np.flatnonzero(tied)]
+
+    def lookup(u2):
+        u2 = np.asarray(u2, dtype=np.int64)
+        p = np.empty(u2.shape, dtype=np.float64)
+        for members, survival in tables:
+            p[members] = survival[u2[members]]
+        for unit, a, b, column in tied_units:
+            p[unit] = _tied_p_value(int(u2[unit]), a, b, column)
+        return p
+
+    return lookup
 
 
 def _tied_p_value(u2, n_in, n_out, sorted_column):
