@@ -40,8 +40,11 @@ def write_campaign_logdir(logdir, *, plan: dict, records: pd.DataFrame, test_rec
 
 
 def write_planted_campaign(logdir, *, n_runs=16, n_patients=50, n_views=2, task="multiclass", seed=0,
-                           data_root=None) -> Path:
+                           data_root=None, planted_effect=4.0, member_effect=0.15) -> Path:
     """Patients have 1–3 records with labels LABELS; test logits are informative (2·label + noise).
+
+    An IN record's logits move towards its labels by `planted_effect` (PLANTED patients) or
+    `member_effect` (everyone else); both 0 is a null campaign with no membership signal at all.
 
     Also leaves a worker's unfinished temporary run and an unrelated file in the logdir (both must be
     ignored), and with `data_root` writes a 16×16 image for every record there.
@@ -79,7 +82,7 @@ def write_planted_campaign(logdir, *, n_runs=16, n_patients=50, n_views=2, task=
         for run in range(n_runs):
             mask = patient_mask[run][patient_index]
             noise = rng.normal(0, 0.3, size=(len(records), n_views, len(LABELS)))
-            boost = np.where(planted, 4.0, 0.15) * mask  # planted patients: large IN effect
+            boost = np.where(planted, planted_effect, member_effect) * mask  # planted patients: large IN effect
             yield dict(train_logits=base + noise + (boost[:, None, None] * signs[:, None, :]), train_labels=labels,
                        record_mask=mask, test_logits=2.0 * test_labels + rng.normal(0, 1, size=test_labels.shape),
                        test_labels=test_labels, metrics={"test_auroc": 0.9})

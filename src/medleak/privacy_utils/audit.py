@@ -1,14 +1,22 @@
 """The audit of one campaign logdir, in named steps: read the plan files → validate and score the
-runs (`load`, `scoring`) → record and patient risk (`record_risk_tables`) → attacks on held-out
-targets (`attack_suite`) → subgroups and diseases (`subgroup_tables`) → tables (`write_tables`) →
-figures (`audit_figures`, `vulnerable_images`) → attack_summary.json → report.html (`report`).
-`run_audit` is what `medleak-audit` / `mem_inf_stats.py` calls (`cli.py`).
+runs (`load`, `scoring`) → calibrated record and patient risk (`record_risk_tables`) → attacks on
+held-out targets (`attack_suite`) → the campaign's noise floor (`noise_floors`) → subgroups and
+diseases (`subgroup_tables`) → tables (`write_tables`) → figures (`audit_figures`,
+`vulnerable_images`) → attack_summary.json → report.html (`report`). `run_audit` is what
+`medleak-audit` / `mem_inf_stats.py` calls (`cli.py`).
 
-Attacks are evaluated against `eval_size` held-out target runs (the last runs); the other runs are
-the shadows, shared by all targets, so shadow statistics are computed once per score type.
+Every headline is measured against chance. Record and patient risk rank each unit's IN models
+against its OUT models over all runs (`calibration`: exact rank-null p-values, Benjamini–Hochberg
+q-values, `at_risk`); a patient is scored as one unit per model, so its null does not depend on
+its number of images. Attacks are evaluated on `eval_size` held-out target runs (the last runs),
+each with its own leave-one-out shadows (`attacks.attack_targets`), so the shadows that describe
+a record do not depend on whether it is IN the target. Chance levels of the shares, the eSF
+curves and the strongest attack come from seeded permutations of each patient's IN/OUT bits
+(`noise_floor`); their seeds are recorded in attack_summary.json.
 """
 
 import dataclasses
+import math
 import re
 import warnings
 from pathlib import Path
@@ -19,20 +27,33 @@ import pandas as pd
 from medleak.errors import MedleakError
 from medleak.io_utils import write_csv, write_json
 from medleak.privacy_utils import figures, report
-from medleak.privacy_utils.lira import campaign_stats, lira_from_stats, shadow_stats
+from medleak.privacy_utils.attacks import attack_targets
+from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, delong_components,
+                                               group_differences, patient_codes, patient_mask_from_records,
+                                               patient_rank_risk, patient_summaries, plan_runs, record_rank_risk,
+                                               record_summaries)
 from medleak.privacy_utils.load import read_campaign_files
-from medleak.privacy_utils.risk import patient_risk, record_auc_from_moments, require_in_and_out, share_above
-from medleak.privacy_utils.rmia import (DEFAULT_GAMMA, DEFAULT_POPULATION, population_indices,
-                                        reference_probability, rmia_from_reference, tune_offline_a)
+from medleak.privacy_utils.noise_floor import AUC_GRID, DEFAULT_PERMUTATIONS, share_floor, strongest_attack_floor
+from medleak.privacy_utils.risk import RISK_THRESHOLDS, patient_risk, record_auc, require_in_and_out, share_above
+from medleak.privacy_utils.rmia import DEFAULT_GAMMA, DEFAULT_POPULATION
 from medleak.privacy_utils.roc import FPR_GRID, summarise_attack
 from medleak.privacy_utils.scores import log_p_from_lira, rmia_from_lira
 from medleak.privacy_utils.scoring import score_campaign
 from medleak.privacy_utils.subgroups import (TOP_SHARE, composition, patient_attributes, privacy_by_subgroup,
                                              record_label_text, utility_by_subgroup)
+from medleak.rundir import list_complete_runs
 
 N_GRID_IMAGES = 16
-LIRA_VARIANTS = (("LiRA online", {}), ("LiRA online, fixed variance", {"fix_variance": True}),
-                 ("LiRA offline", {"offline": True}), ("LiRA offline, fixed variance", {"offline": True, "fix_variance": True}))
+# Display name → `attacks.attack_targets` variant.
+ATTACK_VARIANTS = {"LiRA online": "lira_online", "LiRA online, fixed variance": "lira_online_fixed",
+                   "LiRA offline": "lira_offline", "LiRA offline, fixed variance": "lira_offline_fixed",
+                   "RMIA online": "rmia_online", "RMIA offline": "rmia_offline"}
+LIRA_VARIANTS = tuple(name for name, variant in ATTACK_VARIANTS.items() if variant.startswith("lira"))
+# Fewer runs than this cannot audit: a patient IN for half of n runs has an exact rank p-value of at
+# least 1/C(n, n/2) (1/20 at 6 runs, 1/70 at 8), so nothing could be told from chance.
+MIN_RUNS = 8
+RECOMMENDED_RUNS = 16  # below this the audit warns: few shadows, wide intervals
+MAX_DEFAULT_TARGETS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,20 +62,24 @@ class AuditOptions:
 
     out_dir: Path | None = None
     dataset: str | None = None
-    eval_size: int = 10
+    eval_size: int = 0  # 0: about a quarter of the runs, at most MAX_DEFAULT_TARGETS (`n_targets`)
     data_root: Path | None = None
     seed: int = 0
     rmia_gamma: float = DEFAULT_GAMMA
     rmia_trim: float = 0.1
     rmia_population: int = DEFAULT_POPULATION
     top_share: float = TOP_SHARE
+    fdr: float = DEFAULT_ALPHA
+    risk_auc: float = DEFAULT_AUC_THRESHOLD
+    permutations: int = DEFAULT_PERMUTATIONS
+    target_se: float = 0.02
     progress: bool = True
 
 
 def check_options(options: AuditOptions) -> None:
     """Refuses bad audit settings up front (before loading runs), naming the audit's flag."""
-    if options.eval_size < 1:
-        raise MedleakError(f"--eval_size must be ≥ 1, got {options.eval_size}")
+    if options.eval_size < 0:
+        raise MedleakError(f"--eval_size must be ≥ 1 (or 0 for about a quarter of the runs), got {options.eval_size}")
     if not 0.0 < options.top_share <= 1.0:
         raise MedleakError(f"--top_share must lie in (0, 1], got {options.top_share}")
     if not 0.0 <= options.rmia_trim < 0.5:
@@ -63,6 +88,14 @@ def check_options(options: AuditOptions) -> None:
         raise MedleakError(f"--rmia_gamma must be > 0, got {options.rmia_gamma}")
     if options.rmia_population < 1:
         raise MedleakError(f"--rmia_population must be at least 1, got {options.rmia_population}")
+    if not 0.0 < options.fdr < 1.0:
+        raise MedleakError(f"--fdr must lie in (0, 1), got {options.fdr}")
+    if not 0.5 <= options.risk_auc < 1.0:
+        raise MedleakError(f"--risk_auc must lie in [0.5, 1), got {options.risk_auc}")
+    if options.permutations < 20:
+        raise MedleakError(f"--permutations must be at least 20 (the chance interval needs them), got {options.permutations}")
+    if not 0.0 < options.target_se < 0.5:
+        raise MedleakError(f"--target_se must lie in (0, 0.5), got {options.target_se}")
     if options.data_root is not None and not Path(options.data_root).is_dir():
         raise MedleakError(f"--data_root={options.data_root} is not a directory (it is only needed for the image grid)")
 
@@ -85,23 +118,33 @@ def make_out_dir(options: AuditOptions, default) -> Path:
     return out_dir
 
 
-def split_targets(n_runs, eval_size):
-    """(target rows, shadow rows): the last `eval_size` runs are targets, clamped to leave ≥ 2 shadows."""
-    if eval_size < 1:
-        raise MedleakError(f"--eval_size must be ≥ 1, got {eval_size}")
-    n_targets = min(eval_size, n_runs - 2) if n_runs >= 3 else 1
-    if n_targets < eval_size:
-        warnings.warn(f"only {n_runs} runs: evaluating attacks on {n_targets} target(s) instead of --eval_size={eval_size}", stacklevel=2)
-    return np.arange(n_runs - n_targets, n_runs), slice(0, n_runs - n_targets)
+def n_targets(n_runs, eval_size=0):
+    """How many held-out targets the attacks are evaluated on: `eval_size`, or (0) about a quarter
+    of the runs, at most MAX_DEFAULT_TARGETS. Too few runs, or more targets than runs, is a one-line error."""
+    if n_runs < MIN_RUNS:
+        raise MedleakError(f"{n_runs} usable runs: the audit needs at least {MIN_RUNS} (each patient IN for half of them) "
+                           f"and {RECOMMENDED_RUNS} or more for stable risk; train {MIN_RUNS - n_runs} more with the "
+                           f"dataset script (e.g. --n_runs={RECOMMENDED_RUNS} on a new --logdir)")
+    if eval_size > n_runs:
+        raise MedleakError(f"--eval_size={eval_size} asks for more target runs than the campaign's {n_runs}; "
+                           f"use at most {n_runs} (0 picks {min(MAX_DEFAULT_TARGETS, max(1, round(n_runs / 4)))})")
+    if n_runs < RECOMMENDED_RUNS:
+        warnings.warn(f"only {n_runs} runs: the audit's intervals are wide and weak leaks go unseen; "
+                      f"train {RECOMMENDED_RUNS} or more", stacklevel=2)
+    return eval_size or min(MAX_DEFAULT_TARGETS, max(1, round(n_runs / 4)))
 
 
 @dataclasses.dataclass
 class RiskTables:
-    """Record and patient risk over all runs."""
+    """Calibrated record and patient risk over all runs, and the per-model summaries behind it."""
 
     record_table: pd.DataFrame  # record_risk.csv's rows in records.csv order (row i = record i)
-    patient_table: pd.DataFrame  # patient_risk.csv: most vulnerable first, with subgroup columns
+    patient_table: pd.DataFrame  # patient_risk.csv: most vulnerable first (by auc), with subgroup columns
     attributes: pd.DataFrame  # patients (patient_table order) × subgroup and disease attributes
+    record_summary: np.ndarray  # (n_runs, n_records) float32 `calibration.record_summaries`
+    patient_summary: np.ndarray  # (n_runs, n_patients) float32, patients in patient_codes order
+    patient_mask: np.ndarray  # (n_runs, n_patients) bool, same order
+    record_patient: np.ndarray  # (n_records,) int index of each record's patient in that order
 
     @property
     def record_auc(self) -> np.ndarray:
@@ -109,7 +152,7 @@ class RiskTables:
 
     @property
     def patient_auc(self) -> np.ndarray:
-        return self.patient_table["auc_max"].to_numpy()
+        return self.patient_table["auc"].to_numpy()
 
 
 @dataclasses.dataclass
@@ -125,8 +168,8 @@ class Attacks:
 @dataclasses.dataclass
 class SubgroupTables:
     composition: pd.DataFrame  # composition_top_patients.csv
-    tests: dict  # attribute → χ² test of the top patients' composition
-    privacy: pd.DataFrame  # privacy_by_subgroup.csv
+    tests: dict  # attribute → χ² test of the top patients' composition (only where it can say something)
+    privacy: pd.DataFrame  # privacy_by_subgroup.csv: raw and images-adjusted differences per group
     utility: pd.DataFrame | None  # utility_by_subgroup.csv (None without test logits)
 
 
@@ -142,86 +185,163 @@ class AuditResult:
     target_masks: np.ndarray  # (n_targets, n_records) bool: the targets' true membership
 
 
-def record_risk_tables(campaign, split):
-    """The risk step: (RiskTables, the shadows' LiRA statistics), from one pass over the scores."""
+def record_risk_tables(campaign, options: AuditOptions) -> RiskTables:
+    """The risk step: each record and each patient ranked IN against OUT over all runs.
+
+    record_risk.csv: `auc` (rank AUC, not clipped), `auc_se`, `p_value` (exact rank null),
+    `q_value` (BH over records), `at_risk`, and `auc_gaussian` (the paper's analytic
+    Φ((μ_in−μ_out)/√(σ_in²+σ_out²)) from IN/OUT moments, with `auc_gaussian_se`).
+    patient_risk.csv: the patient-level statistic (`auc`, `auc_se`, `p_value`, `q_value`, `at_risk`)
+    and, for comparison with the paper, `auc_max` / `auc_mean` over the patient's records' `auc_gaussian`.
+    """
     records = campaign.records
-    moments, shadow_statistics = campaign_stats(campaign.scores, campaign.masks, split[1])
-    require_in_and_out(moments["n_in"], moments["n_out"], records["record_id"].to_numpy(), what=f"{campaign.n_runs} runs")
-    auc, se = record_auc_from_moments(moments)
-    del moments
     n_in = campaign.masks.sum(axis=0)
+    require_in_and_out(n_in, campaign.n_runs - n_in, records["record_id"].to_numpy(), what=f"{campaign.n_runs} runs")
+    thresholds = dict(alpha=options.fdr, auc_threshold=options.risk_auc)
+    record_summary = record_summaries(campaign.scores)
+    ranked = record_rank_risk(None, campaign.masks, record_summary=record_summary, **thresholds)
+    gaussian_auc, gaussian_se = record_auc(campaign.scores, campaign.masks)
     record_table = pd.DataFrame({
-        "record_id": records["record_id"], "patient_id": records["patient_id"], "auc": auc, "auc_se": se,
-        "n_in": n_in, "n_out": campaign.n_runs - n_in,
+        "record_id": records["record_id"], "patient_id": records["patient_id"],
+        "auc": ranked["auc"].to_numpy(), "auc_se": ranked["auc_se"].to_numpy(), "p_value": ranked["p_value"].to_numpy(),
+        "q_value": ranked["q_value"].to_numpy(), "at_risk": ranked["at_risk"].to_numpy(),
+        "auc_gaussian": gaussian_auc, "auc_gaussian_se": gaussian_se,
+        "n_in": ranked["n_in"].to_numpy(), "n_out": ranked["n_out"].to_numpy(),
         "label": record_label_text(records, campaign.label_names, campaign.task),
     })
     for column in campaign.subgroups:
         record_table[column] = records[column].to_numpy()
     if "path" in records:
         record_table["path"] = records["path"].to_numpy()
-    patients = patient_risk(auc, records["patient_id"].to_numpy())
+
+    patient_ids = records["patient_id"].to_numpy()
+    ids, codes = patient_codes(patient_ids)
+    patient_mask = patient_mask_from_records(campaign.masks, codes, len(ids))
+    calibrated = patient_rank_risk(None, campaign.masks, patient_ids, record_summary=record_summary, **thresholds)
+    paper = patient_risk(gaussian_auc, patient_ids).set_index("patient_id")[["auc_max", "auc_mean"]]
+    patients = calibrated.join(paper, on="patient_id")[
+        ["patient_id", "auc", "auc_se", "p_value", "q_value", "at_risk", "auc_max", "auc_mean", "n_records", "n_in", "n_out"]]
+    order = np.lexsort((patients["p_value"].to_numpy(), -patients["auc"].to_numpy()))  # most exposed first
+    patients = patients.iloc[order].reset_index(drop=True)
     attributes = patient_attributes(records, patients["patient_id"], campaign.subgroups, campaign.label_names, campaign.task)
     patient_table = patients.join(attributes[campaign.subgroups], on="patient_id") if campaign.subgroups else patients
-    return RiskTables(record_table, patient_table, attributes), shadow_statistics
+    return RiskTables(record_table, patient_table, attributes, record_summary,
+                      patient_summaries(record_summary, codes, len(ids)), patient_mask, codes)
 
 
-def attack_suite(campaign, options, split=None, stats=None) -> Attacks:
-    """The attack step: every attack against the held-out targets.
-
-    `split` (targets, shadows) and the shadows' LiRA `stats`, if already computed (`audit_campaign`
-    computes them in its pass over the scores, `campaign_stats`).
-    """
-    targets, shadows = split if split is not None else split_targets(campaign.n_runs, options.eval_size)
+def attack_suite(campaign, options: AuditOptions, targets=None) -> Attacks:
+    """The attack step: every attack against the held-out targets (rows `targets` of the campaign,
+    default the last `n_targets`), each target with its own leave-one-out shadows."""
     scores, masks = campaign.scores, campaign.masks
-    target_scores = scores[targets[0]:targets[-1] + 1]
-    target_masks = masks[targets[0]:targets[-1] + 1]
-    shadow_scores, shadow_masks = scores[shadows], masks[shadows]
-    results, attack_scores = {}, {}
-
-    def evaluate(name, target_attack_scores):
-        attack_scores[name] = target_attack_scores
-        results[name] = summarise_attack(target_attack_scores, target_masks)
-
+    if targets is None:
+        targets = np.arange(campaign.n_runs - n_targets(campaign.n_runs, options.eval_size), campaign.n_runs)
+    target_masks = masks[targets]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if stats is None:
-            stats = shadow_stats(shadow_scores, shadow_masks)
-        for name, kwargs in LIRA_VARIANTS:
-            evaluate(name, lira_from_stats(stats, target_scores, **kwargs))
-        del stats
-        population = population_indices(scores.shape[1], options.rmia_population, options.seed)
-        target_p = rmia_from_lira(target_scores)
-        p_stats = shadow_stats(shadow_scores, shadow_masks, medians=False, trim=options.rmia_trim or None, transform=rmia_from_lira)
-        online = rmia_from_reference(reference_probability(p_stats), target_p, gamma=options.rmia_gamma, population=population)
-        evaluate("RMIA online", online)
-        a = None
-        if shadow_scores.shape[0] >= 2 and 0 < shadow_masks[0].sum() < shadow_masks.shape[1]:
-            a, _ = tune_offline_a(shadow_scores, shadow_masks, trim=options.rmia_trim, gamma=options.rmia_gamma,
-                                  population=population, transform=rmia_from_lira)
-            offline = rmia_from_reference(reference_probability(p_stats, offline=True, a=a), target_p,
-                                          gamma=options.rmia_gamma, population=population)
-            evaluate("RMIA offline", offline)
-        del p_stats
+        by_variant = attack_targets(scores, masks, targets, variant=list(ATTACK_VARIANTS.values()),
+                                    drop_seed=options.seed, rmia_transform=rmia_from_lira, trim=options.rmia_trim,
+                                    gamma=options.rmia_gamma, n_population=options.rmia_population,
+                                    population_seed=options.seed)
+        attack_scores = {name: by_variant[variant] for name, variant in ATTACK_VARIANTS.items()}
         # Global loss threshold (Yeom et al.): the target's own log-likelihood, no shadow models.
-        loss_scores = log_p_from_lira(target_scores).mean(axis=2)
-        evaluate("Loss threshold", loss_scores)
+        attack_scores["Loss threshold"] = log_p_from_lira(scores[targets]).mean(axis=2)
+        results = {name: summarise_attack(values, target_masks) for name, values in attack_scores.items()}
     messages = sorted({str(w.message) for w in caught})
     for message in messages:
         warnings.warn(message, stacklevel=2)
-    extras = {"target_runs": campaign.run_ids[targets].tolist(), "n_shadows": int(shadow_scores.shape[0]),
-              "rmia_offline_a": a, "rmia_gamma": options.rmia_gamma, "rmia_trim": options.rmia_trim,
-              "rmia_population": int(len(population)), "warnings": messages}
+    extras = {"target_runs": campaign.run_ids[targets].tolist(), "n_targets": int(len(targets)),
+              "n_shadows": int(campaign.n_runs - 2),  # per target: the other runs, less one per record
+              "drop_seed": int(options.seed), "rmia_gamma": options.rmia_gamma, "rmia_trim": options.rmia_trim,
+              "rmia_population": int(min(options.rmia_population, scores.shape[1])),
+              "rmia_population_seed": int(options.seed), "warnings": messages}
     return Attacks(results, extras, attack_scores, target_masks)
 
 
+def noise_floors(risk: RiskTables, attacks: Attacks, options: AuditOptions) -> dict:
+    """The noise-floor step: what the headlines look like when nothing leaks, from seeded
+    permutations of each patient's IN/OUT bits (`noise_floor`); JSON-ready, seeds included."""
+    common = dict(thresholds=RISK_THRESHOLDS, alpha=options.fdr, auc_threshold=options.risk_auc,
+                  n_permutations=options.permutations)
+    floors = {
+        "patients": share_floor(risk.patient_summary, risk.patient_mask, seed=options.seed, **common),
+        "records": share_floor(risk.record_summary, risk.patient_mask, risk.record_patient, seed=options.seed + 1, **common),
+    }
+    for floor in floors.values():  # JSON keys, as in the summary's other share_above tables
+        floor["share_above"] = {f"{t:g}": v for t, v in floor["share_above"].items()}
+    return {
+        **floors,
+        "strongest_attack": strongest_attack_floor(attacks.scores, attacks.target_masks,
+                                                   risk.record_table["patient_id"].to_numpy(),
+                                                   n_permutations=options.permutations, seed=options.seed + 2),
+    }
+
+
+def run_planner(risk: RiskTables, target_se: float) -> dict:
+    """How many runs give `target_se` for the median record's and patient's AUC, from this
+    campaign's own DeLong variance components (the share of runs a patient is IN for is kept)."""
+    share_in = float(risk.patient_mask.sum(axis=0).mean() / risk.patient_mask.shape[0])
+
+    def runs_in(n):
+        return int(math.floor(share_in * n + 0.5))
+
+    out = {}
+    for unit, summaries, mask in (("records", risk.record_summary, risk.patient_mask[:, risk.record_patient]),
+                                  ("patients", risk.patient_summary, risk.patient_mask)):
+        var_in, var_out = delong_components(summaries, mask)
+        try:
+            out[unit] = plan_runs(var_in, var_out, target_se, runs_in=runs_in)
+        except MedleakError as e:  # too few runs for variance components: say so instead of planning
+            out[unit] = {"n_runs": None, "target_se": float(target_se), "note": str(e)}
+    return out
+
+
+MIN_TOP_FOR_TEST = 10  # a χ² test of the top patients' composition on fewer patients says nothing
+
+
 def subgroup_tables(campaign, risk: RiskTables, top_share) -> SubgroupTables:
-    """The subgroup step: composition of the most vulnerable patients, privacy and utility per group."""
+    """The subgroup step: composition of the most vulnerable patients (by the patient-level `auc`),
+    privacy per group raw and adjusted for images per patient, utility per group."""
     comp_table, comp_tests = composition(risk.attributes, risk.patient_auc, top_share)
+    # tests that cannot say anything are dropped: one category (0 dof) or a handful of top patients
+    comp_tests = {attribute: test for attribute, test in comp_tests.items()
+                  if test["dof"] >= 1 and test["n_top"] >= MIN_TOP_FOR_TEST}
     utility = None
     if campaign.test_logits is not None and campaign.test_records is not None:
         utility = utility_by_subgroup(campaign.test_logits, campaign.test_labels, campaign.test_records,
                                       campaign.subgroups, campaign.task)
-    return SubgroupTables(comp_table, comp_tests, privacy_by_subgroup(risk.attributes, risk.patient_auc), utility)
+    return SubgroupTables(comp_table, comp_tests, privacy_table(risk), utility)
+
+
+def privacy_table(risk: RiskTables) -> pd.DataFrame:
+    """Per attribute and category: patients, median patient AUC, at-risk share, and the group's
+    difference from the other patients in AUC and in at-risk share, raw and adjusted for images per
+    patient (`calibration.group_differences`; attributes with a single category are left out)."""
+    patients = risk.patient_table
+    n_images = patients["n_records"].to_numpy()
+    base = privacy_by_subgroup(risk.attributes, risk.patient_auc, thresholds=())
+    rows = []
+    for attribute in risk.attributes.columns:
+        values = risk.attributes[attribute].astype(str).to_numpy()
+        if len(np.unique(values)) < 2:
+            continue
+        diffs = {measure: group_differences(patients[measure].to_numpy(np.float64), values, n_images).set_index("group")
+                 for measure in ("auc", "at_risk")}
+        for category, auc_diff in diffs["auc"].iterrows():
+            risk_diff = diffs["at_risk"].loc[category]
+            rows.append(dict(attribute=attribute, category=category, n_patients=int(auc_diff["n_patients"]),
+                             mean_images=auc_diff["mean_images"], at_risk_share=risk_diff["risk_group"],
+                             auc_difference=auc_diff["raw_difference"], auc_difference_se=auc_diff["raw_se"],
+                             auc_difference_adjusted=auc_diff["adjusted_difference"],
+                             auc_difference_adjusted_se=auc_diff["adjusted_se"],
+                             at_risk_difference=risk_diff["raw_difference"],
+                             at_risk_difference_adjusted=risk_diff["adjusted_difference"],
+                             at_risk_difference_adjusted_se=risk_diff["adjusted_se"]))
+    if not rows:
+        return base.iloc[0:0]
+    table = pd.DataFrame(rows)
+    median = base.set_index(["attribute", "category"])["median_auc"]
+    table.insert(3, "median_auc", median.reindex(pd.MultiIndex.from_frame(table[["attribute", "category"]])).to_numpy())
+    return table
 
 
 def write_tables(out_dir, risk: RiskTables, groups: SubgroupTables) -> None:
@@ -233,20 +353,25 @@ def write_tables(out_dir, risk: RiskTables, groups: SubgroupTables) -> None:
     write_csv(out_dir / "privacy_by_subgroup.csv", groups.privacy)
 
 
-def audit_figures(out_dir, risk: RiskTables, attacks: Attacks, groups: SubgroupTables, subgroups):
-    """The figures step: ({key: PNG path}, {attribute: file-name slug})."""
-    slugs = {attribute: re.sub(r"[^A-Za-z0-9]+", "_", attribute).strip("_") for attribute in risk.attributes.columns}
+def audit_figures(out_dir, risk: RiskTables, attacks: Attacks, groups: SubgroupTables, floors: dict, subgroups):
+    """The figures step: ({key: PNG path}, {attribute: file-name slug}). Attributes with a single
+    category get no per-group figures (nothing to compare)."""
+    varied = [a for a in risk.attributes.columns if risk.attributes[a].astype(str).nunique() > 1]
+    slugs = {attribute: re.sub(r"[^A-Za-z0-9]+", "_", attribute).strip("_") for attribute in varied}
     figs = {
         "roc": figures.roc_figure({name: (curves, summary) for name, (summary, curves) in attacks.results.items()}, FPR_GRID, out_dir),
-        "esf_records": figures.esf_figure(risk.record_auc, out_dir, "esf_records", "Record-level risk", "records"),
-        "esf_patients": figures.esf_figure(risk.patient_auc, out_dir, "esf_patients", "Patient-level risk (worst image)", "patients"),
+        "esf_records": figures.esf_figure(risk.record_auc, out_dir, "esf_records", "Record-level risk", "records",
+                                          chance=floors["records"]["curve"], grid=AUC_GRID),
+        "esf_patients": figures.esf_figure(risk.patient_auc, out_dir, "esf_patients", "Patient-level risk", "patients",
+                                           chance=floors["patients"]["curve"], grid=AUC_GRID),
     }
     for attribute, slug in slugs.items():
         values = risk.attributes[attribute].astype(str).to_numpy()
         by_category = {c: risk.patient_auc[values == c] for c in np.unique(values)}
         figs[f"group_esf_{slug}"] = figures.subgroup_esf_figure(by_category, out_dir, f"esf_by_{slug}", attribute)
-        figs[f"composition_{slug}"] = figures.composition_figure(groups.composition[groups.composition["attribute"] == attribute],
-                                                                 groups.tests[attribute], out_dir, f"composition_{slug}", attribute)
+        if attribute in groups.tests:
+            figs[f"composition_{slug}"] = figures.composition_figure(groups.composition[groups.composition["attribute"] == attribute],
+                                                                     groups.tests[attribute], out_dir, f"composition_{slug}", attribute)
         if groups.utility is not None and attribute in subgroups:
             figs[f"utility_{slug}"] = figures.utility_privacy_figure(groups.utility[groups.utility["attribute"] == attribute],
                                                                      groups.privacy[groups.privacy["attribute"] == attribute],
@@ -296,28 +421,46 @@ def vulnerable_images(out_dir, record_table, data_root, dataset, log=None):
     return (figures.vulnerable_grid(images, captions, out_dir) if images else None), unreadable
 
 
-def audit_summary(campaign, dataset, risk: RiskTables, attacks: Attacks, groups: SubgroupTables, top_share) -> dict:
-    """attack_summary.json."""
-    record_shares, patient_shares = share_above(risk.record_auc), share_above(risk.patient_auc)
-    return {
+def _moments(values) -> dict:
+    return {"mean": float(np.mean(values)), "median": float(np.median(values)), "max": float(np.max(values))}
+
+
+def audit_summary(campaign, dataset, risk: RiskTables, attacks: Attacks, groups: SubgroupTables, floors: dict,
+                  planner: dict, options: AuditOptions) -> dict:
+    """attack_summary.json: every headline with its chance level (`noise_floor`), and the verdict."""
+    patients, records = risk.patient_table, risk.record_table
+    summary = {
         "dataset": dataset,
         "logdir": str(Path(campaign.logdir)),
         "task": campaign.task,
         "n_runs": campaign.n_runs,
         "n_records": int(len(campaign.records)),
-        "n_patients": int(len(risk.patient_table)),
+        "n_patients": int(len(patients)),
         "n_views": int(campaign.scores.shape[2]),
         "skipped_runs": [{"run": int(r), "reason": why} for r, why in campaign.skipped],
         "attacks": {name: summary for name, (summary, _) in attacks.results.items()},
         **attacks.extras,
-        "record_auc": {"mean": float(risk.record_auc.mean()), "median": float(np.median(risk.record_auc)),
-                       "max": float(risk.record_auc.max()), "share_above": {f"{t:g}": v for t, v in record_shares.items()}},
-        "patient_auc_max": {"mean": float(risk.patient_auc.mean()), "median": float(np.median(risk.patient_auc)),
-                            "max": float(risk.patient_auc.max()),
-                            "share_above": {f"{t:g}": v for t, v in patient_shares.items()}},
+        "fdr": options.fdr,
+        "risk_auc": options.risk_auc,
+        "record_risk": {**_moments(risk.record_auc), "n_at_risk": int(records["at_risk"].sum()),
+                        "share_above": {f"{t:g}": v for t, v in share_above(risk.record_auc).items()}},
+        "patient_risk": {**_moments(risk.patient_auc), "n_at_risk": int(patients["at_risk"].sum()),
+                         "most_exposed": str(patients["patient_id"].iloc[0]),
+                         "share_above": {f"{t:g}": v for t, v in share_above(risk.patient_auc).items()}},
+        # the paper's statistics (Gaussian record AUC; patient = worst image), for comparison only
+        "record_auc_gaussian": {**_moments(records["auc_gaussian"]),
+                                "share_above": {f"{t:g}": v for t, v in share_above(records["auc_gaussian"]).items()}},
+        "patient_auc_max": {**_moments(patients["auc_max"]),
+                            "share_above": {f"{t:g}": v for t, v in share_above(patients["auc_max"]).items()}},
+        "noise_floor": floors,
+        "run_planner": planner,
         "composition_tests": groups.tests,
-        "top_share": top_share,
+        "top_share": options.top_share,
+        "seeds": {"drop": int(options.seed), "rmia_population": int(options.seed),
+                  "noise_floor": {unit: floors[unit]["seed"] for unit in ("patients", "records", "strongest_attack")}},
     }
+    summary["verdict"] = report.verdict(summary, groups.privacy)
+    return summary
 
 
 def run_audit(logdir, options: AuditOptions = AuditOptions()):
@@ -325,26 +468,27 @@ def run_audit(logdir, options: AuditOptions = AuditOptions()):
     check_options(options)
     files = read_campaign_files(logdir)
     check_dataset(options, files.plan, files.logdir)  # before the runs are read
+    n_targets(len(list_complete_runs(files.logdir)), options.eval_size)  # too few runs / too many targets: say so now
     return audit_campaign(score_campaign(files, progress=options.progress), options).summary
 
 
 def audit_campaign(campaign, options: AuditOptions) -> AuditResult:
     """The audit of a scored campaign (`scoring.load_campaign`): writes every output to out_dir."""
     dataset = check_dataset(options, campaign.plan, campaign.logdir)
+    targets = np.arange(campaign.n_runs - n_targets(campaign.n_runs, options.eval_size), campaign.n_runs)
     out_dir = make_out_dir(options, Path("figs") / dataset)
-    split = split_targets(campaign.n_runs, options.eval_size)
-    risk, shadow_statistics = record_risk_tables(campaign, split)
-    attacks = attack_suite(campaign, options, split, shadow_statistics)
-    del shadow_statistics
+    risk = record_risk_tables(campaign, options)
+    attacks = attack_suite(campaign, options, targets)
+    floors = noise_floors(risk, attacks, options)
     groups = subgroup_tables(campaign, risk, options.top_share)
     write_tables(out_dir, risk, groups)
-    figs, slugs = audit_figures(out_dir, risk, attacks, groups, campaign.subgroups)
+    figs, slugs = audit_figures(out_dir, risk, attacks, groups, floors, campaign.subgroups)
     unreadable = []
     if options.data_root is not None and "path" in risk.record_table:
         grid, unreadable = vulnerable_images(out_dir, risk.record_table, options.data_root, dataset)
         if grid is not None:
             figs["vulnerable_images"] = grid
-    summary = audit_summary(campaign, dataset, risk, attacks, groups, options.top_share)
+    summary = audit_summary(campaign, dataset, risk, attacks, groups, floors, run_planner(risk, options.target_se), options)
     write_json(out_dir / "attack_summary.json", summary)
     summary["report"] = str(report.audit_page(out_dir, summary, attacks.results, risk.patient_table, groups.privacy,
                                               groups.utility, figs, slugs, unreadable))

@@ -18,13 +18,17 @@ from medleak.privacy_utils.audit import AuditOptions, run_audit
 AUDIT_FLAG_HELP = {
     "out_dir": "Where tables, figures and report.html go (default: ./figs/<dataset>; several logdirs: ./figs/<dataset>_dp).",
     "dataset": "Name used in titles and the default --out_dir (default: from plan.json; another name than plan.json's is refused).",
-    "eval_size": "Number of held-out target runs the attacks are evaluated on.",
+    "eval_size": "Number of held-out target runs the attacks are evaluated on (0: about a quarter of the runs, at most 10).",
     "data_root": "Dataset root; only needed for the grid of most vulnerable images.",
-    "seed": "Seed for RMIA's population sample.",
+    "seed": "Seed of RMIA's population sample, the shadow model dropped per record, and the noise-floor permutations.",
     "rmia_gamma": "RMIA γ: LR(x)/LR(z) must exceed it for x to beat a population record z.",
     "rmia_trim": "Share trimmed at each end of RMIA's mean over reference models.",
     "rmia_population": "Population records RMIA compares against.",
     "top_share": "Share of most vulnerable patients whose composition is tested.",
+    "fdr": "False-discovery rate q of the Benjamini–Hochberg step that flags records and patients at risk.",
+    "risk_auc": "A record or patient is at risk when significant after FDR control and its AUC is at least this.",
+    "permutations": "Seeded permutations of each patient's IN/OUT bits that give every headline its chance level.",
+    "target_se": "Standard error of record and patient AUC the run planner sizes the campaign for.",
     "progress": "Show progress bars while runs are read, scored and audited.",
 }
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}
@@ -63,7 +67,7 @@ def main_from_flags(argv, flag_values=flags.FLAGS) -> None:
     best = max(summary["attacks"], key=lambda k: summary["attacks"][k]["auc"]["mean"])
     print(f"{summary['n_runs']} runs, {summary['n_records']} records, {summary['n_patients']} patients")
     print(f"strongest attack: {best}, AUC {summary['attacks'][best]['auc']['mean']:.3f}")
-    print(f"patients with AUC > 0.6: {100 * summary['patient_auc_max']['share_above']['0.6']:.1f} %")
+    print(f"verdict: {summary['verdict']}")
     print(f"report: {summary['report']}")
 
 

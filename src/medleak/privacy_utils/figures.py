@@ -58,10 +58,20 @@ def _esf_axes(ax, values, label, color=None):
     ax.fill_between(ESF_GRID, np.maximum(lower, floor), np.maximum(upper, floor), step="post", color=line.get_color(), alpha=0.2)
 
 
-def esf_figure(values, out_dir, name, title, unit):
-    """Empirical survival function share(AUC > x) with 95 % Clopper–Pearson band on a log y-axis."""
+def esf_figure(values, out_dir, name, title, unit, chance=None, grid=None):
+    """Empirical survival function share(AUC > x) with 95 % Clopper–Pearson band on a log y-axis.
+
+    chance: optional `noise_floor.compare_to_chance` dict of the same share on `grid` (the
+    campaign's permutation null): drawn as a grey dashed line with its interval.
+    """
     fig, ax = plt.subplots(figsize=(6, 4.5))
     _esf_axes(ax, values, f"{len(values)} {unit}")
+    if chance is not None:
+        floor = 0.5 / max(len(values), 1)
+        ax.step(grid, np.maximum(chance["chance_mean"], floor), where="post", color="grey", ls="--", lw=1.2,
+                label="chance (permuted IN/OUT)")
+        ax.fill_between(grid, np.maximum(chance["chance_lo"], floor), np.maximum(chance["chance_hi"], floor),
+                        step="post", color="grey", alpha=0.15)
     for t in (0.6, 0.7, 0.8, 0.9):
         ax.axvline(t, color="grey", lw=0.5, ls=":")
     ax.set_yscale("log")
@@ -80,7 +90,7 @@ def subgroup_esf_figure(groups, out_dir, name, attribute):
         _esf_axes(ax, values, f"{category} (n={len(values)})")
     ax.set_yscale("log")
     ax.set_xlim(0.5, 1.0)
-    ax.set_xlabel("patient attack AUC x (max over images)")
+    ax.set_xlabel("patient attack AUC x")
     ax.set_ylabel("share of patients with AUC > x")
     ax.set_title(f"Patient risk by {attribute}")
     ax.legend(fontsize=7)
@@ -104,7 +114,7 @@ def composition_figure(table, test, out_dir, name, attribute):
 
 
 def utility_privacy_figure(utility, privacy, out_dir, name, attribute):
-    """Side by side per category: test AUROC (mean ± sd over runs) and share of patients with AUC > 0.6."""
+    """Side by side per category: test AUROC (mean ± sd over runs) and share of patients at risk."""
     categories = privacy["category"].astype(str).tolist()
     fig, (ax_u, ax_p) = plt.subplots(1, 2, figsize=(11, 4.2))
     util = utility.set_index(utility["category"].astype(str)).reindex(categories)
@@ -114,9 +124,9 @@ def utility_privacy_figure(utility, privacy, out_dir, name, attribute):
     ax_u.set_ylim(0.0, 1.0)
     ax_u.set_ylabel("test AUROC (mean ± sd over models)")
     ax_u.set_title(f"Utility by {attribute}")
-    ax_p.bar(x, privacy["share_above_0.6"], color="tab:red")
+    ax_p.bar(x, privacy["at_risk_share"], color="tab:red")
     ax_p.set_xticks(x, categories, rotation=30, ha="right")
-    ax_p.set_ylabel("share of patients with attack AUC > 0.6")
+    ax_p.set_ylabel("share of patients at risk (FDR-controlled)")
     ax_p.set_title(f"Privacy risk by {attribute}")
     return save(fig, out_dir, name)
 

@@ -1,10 +1,9 @@
 """The audit's pages and every sentence on them: report.html of one campaign (`audit_page`) and
 budgets.html across privacy budgets (`budget_page`); `write_report` is the HTML frame they share.
 
-Each page is self-contained (figures embedded as base64) and written for a data officer: headline
-numbers first, then each figure with a short "how to read it", then the most vulnerable patients.
-A tiny inline script marks every figure that decoded (`data-loaded`) and writes
-"figures loaded: k/n" into the page, so a headless browser can check that nothing is broken.
+Each page is self-contained (figures embedded as base64) and written for a data officer: a verdict
+in one paragraph, headline numbers each beside its chance level, then each figure with a short "how
+to read it", then the most vulnerable patients.
 """
 
 import base64
@@ -15,12 +14,14 @@ import numpy as np
 import pandas as pd
 
 from medleak.io_utils import write_text
+from medleak.privacy_utils.calibration import ADJUSTMENT_SENTENCE
 from medleak.privacy_utils.figures import epsilon_text
 
 N_TOP_PATIENTS_SHOWN = 20
-INDEPENDENCE_NOTE = ("empirical epsilon: one trial per patient of each held-out target model (record-level DP: single-image "
-                     "patients only); trials of one model share its training randomness and are not independent, so the "
-                     "lower bound is optimistic (a diagnostic)")
+EMPIRICAL_EPSILON_NOTE = ("empirical epsilon: the one-run audit (Steinke, Nasr & Jagielski 2023) of each held-out "
+                          "target model, its patients as canaries (record-level DP: single-image patients only), each "
+                          "with its own IN/OUT coin in that run; a lower bound at 95 % confidence, Bonferroni over "
+                          "targets and attacks; 0 means the attack proved nothing, not that epsilon is 0")
 
 STYLE = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
@@ -29,17 +30,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px sol
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .headline{display:flex;flex-wrap:wrap;gap:1em}.card{border:1px solid #ddd;border-radius:6px;padding:.7em 1em;min-width:200px}
 .card b{font-size:1.5em;display:block}.howto{background:#f7f9fc;border-left:4px solid #4a7bd0;padding:.5em 1em;font-size:.92em}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}.warn{color:#a33}
+.verdict{font-size:1.08em;background:#fff8e6;border-left:4px solid #d09a1a;padding:.6em 1em}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}.warn{color:#a33}
 """
-
-SCRIPT = """
-window.addEventListener('load', function () {
-  var imgs = document.querySelectorAll('img.figure'), ok = 0;
-  imgs.forEach(function (img) { if (img.complete && img.naturalWidth > 0) { ok++; img.setAttribute('data-loaded', 'yes'); } });
-  document.getElementById('figure-status').textContent = 'figures loaded: ' + ok + '/' + imgs.length;
-});
-"""
-
 
 def embed_png(path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -66,20 +58,22 @@ def figure_html(path, caption, howto) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure><div class=\"howto\"><b>How to read it.</b> {howto}</div>")
 
 
-def write_report(path, *, dataset, headline, sections, notes=()):
-    """Writes the page. headline: [(label, value, explanation)]; sections: [(title, html)]."""
+def write_report(path, *, dataset, headline, sections, notes=(), verdict_text=None):
+    """Writes the page. headline: [(label, value, explanation)]; sections: [(title, html)];
+    verdict_text: the one-paragraph verdict shown above everything else."""
     cards = "".join(f'<div class="card">{html.escape(label)}<b>{html.escape(value)}</b><small>{html.escape(expl)}</small></div>'
                     for label, value, expl in headline)
     body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
+    verdict_html = f'<p class="verdict" id="verdict"><b>Verdict.</b> {html.escape(verdict_text)}</p>' if verdict_text else ""
     note_html = "".join(f'<p class="warn">{html.escape(n)}</p>' for n in notes)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>medleak privacy audit: {html.escape(dataset)}</title>
-<style>{STYLE}</style><script>{SCRIPT}</script></head>
+<style>{STYLE}</style></head>
 <body><h1>Patient-level privacy audit: {html.escape(dataset)}</h1>
 <p>This report estimates, for every training image and every patient, how well an attacker who
 holds the released model could tell that they were in its training data (membership inference).
 An attack AUC of 0.5 means the attacker cannot tell (no leak); 1.0 means they can always tell.</p>
-<p id="figure-status">figures loaded: not checked (JavaScript disabled)</p>{note_html}
+{verdict_html}{note_html}
 <div class="headline">{cards}</div>{body}
 </body></html>
 """
@@ -94,24 +88,102 @@ def _pct(x):
 # --------------------------------------------------------------------- report.html (one campaign)
 
 
+def _chance_text(floor, fmt=_pct):
+    """'chance c (95 % up to hi); excess e [lo, hi]' of a `noise_floor.compare_to_chance` dict."""
+    return (f"chance level {fmt(floor['chance_mean'])} (95 % up to {fmt(floor['chance_hi'])}); "
+            f"excess {fmt(floor['excess'])} [{fmt(floor['excess_lo'])}, {fmt(floor['excess_hi'])}]")
+
+
+def _auc(x):
+    return f"{x:.3f}"
+
+
+def above_chance(floor) -> bool:
+    """True when the observed value lies above the whole chance interval (its excess interval excludes 0)."""
+    return floor["excess_lo"] > 0
+
+
+MIN_GROUP_PATIENTS = 10  # a group smaller than this is not named as "most exposed"
+
+
+def most_exposed_group(privacy_table):
+    """The group whose at-risk share most exceeds the other patients' after adjusting for images per
+    patient, when that excess is at least two standard errors; else None."""
+    if privacy_table is None or privacy_table.empty:
+        return None
+    table = privacy_table[privacy_table["n_patients"] >= MIN_GROUP_PATIENTS]
+    table = table[table["at_risk_difference_adjusted"] - 2 * table["at_risk_difference_adjusted_se"].fillna(np.inf) > 0]
+    if table.empty:
+        return None
+    return table.sort_values("at_risk_difference_adjusted", ascending=False).iloc[0]
+
+
+def verdict(summary, privacy_table) -> str:
+    """The report's one-paragraph answer, computed from the calibrated numbers only."""
+    patients = summary["noise_floor"]["patients"]["at_risk"]
+    strongest = summary["noise_floor"]["strongest_attack"]
+    attack_name, attack = strongest["strongest"], strongest["max_auc"]
+    design = (f"{summary['n_runs']} runs ({summary['n_shadows']} shadows + {summary['n_targets']} targets per attack)")
+    attack_text = (f"the strongest attack ({attack_name}) reaches AUC {_auc(attack['observed'])} on held-out models, "
+                   f"against {_auc(attack['chance_mean'])} by chance (95 % up to {_auc(attack['chance_hi'])})")
+    n_at_risk = summary["patient_risk"]["n_at_risk"]
+    if not above_chance(patients) and not above_chance(attack):
+        return (f"No leakage detectable above chance with {design}: {_pct(patients['observed'])} of patients are flagged "
+                f"at risk, {_chance_text(patients)}; {attack_text}. This is not proof of privacy: weaker leaks than "
+                f"these runs can resolve may remain (see the run planner below).")
+    text = (f"{n_at_risk} of {summary['n_patients']} patients ({_pct(patients['observed'])}) are identifiable above chance "
+            f"(Benjamini–Hochberg FDR {summary['fdr']:g}, patient AUC ≥ {summary['risk_auc']:g}; {_chance_text(patients)}); "
+            f"{attack_text}.")
+    group = most_exposed_group(privacy_table)
+    if group is None:
+        return text + " No subgroup is more exposed than the other patients after adjusting for images per patient."
+    return text + (f" The most exposed group is {group['attribute']} = {group['category']}: {_pct(group['at_risk_share'])} of its "
+                   f"{int(group['n_patients'])} patients at risk, {_pct(group['at_risk_difference_adjusted'])} "
+                   f"(± {_pct(group['at_risk_difference_adjusted_se'])}) more than comparable patients with as many images.")
+
+
+def _planner_html(planner):
+    rows = []
+    for unit, plan in planner.items():
+        if plan.get("n_runs") is None and "note" in plan:
+            rows.append({"unit": unit, "runs for target SE": "–", "note": plan["note"]})
+            continue
+        ladder = ", ".join(f"{n}: {se:.3f}" for n, se in plan.get("se_by_runs", {}).items())
+        rows.append({"unit": unit, "runs for target SE": "more than 2000" if plan["n_runs"] is None else str(plan["n_runs"]),
+                     "note": f"median SE by runs: {ladder}"})
+    target = next(iter(planner.values()))["target_se"]
+    return (f"<p>How many runs give a standard error of {target:g} for the median record's and patient's AUC, "
+            "from this campaign's own variances (DeLong components, the same share of runs per patient):</p>"
+            + table_html(pd.DataFrame(rows)))
+
+
 def audit_page(out_dir, summary, attacks, patient_table, privacy_table, utility_table, figs, slugs, unreadable_images=()):
     """Writes <out_dir>/report.html of one audit (`audit.audit_campaign`); returns its path.
 
     attacks: {name: (summary dict, tpr curves)}; figs: {key: PNG path}; slugs: {attribute: figure slug};
     unreadable_images: paths under --data_root of top images that could not be read.
     """
-    best_name = max(attacks, key=lambda k: attacks[k][0]["auc"]["mean"])
-    best = attacks[best_name][0]
+    floors = summary["noise_floor"]
+    strongest = floors["strongest_attack"]
+    best = attacks[strongest["strongest"]][0]
+    patients_at_risk, records_at_risk = floors["patients"]["at_risk"], floors["records"]["at_risk"]
+    top_patient = patient_table.iloc[0]
     headline = [
-        ("Shadow models", f"{summary['n_runs']}", f"{summary['n_records']} images of {summary['n_patients']} patients"),
-        ("Strongest attack", f"AUC {best['auc']['mean']:.3f}", f"{best_name}; TPR {_pct(best['tpr_at_0.1%_fpr']['mean'])} at 0.1 % FPR"),
-        ("Patients at risk", _pct(summary["patient_auc_max"]["share_above"]["0.6"]), "have an image with attack AUC > 0.6"),
-        ("Highly exposed patients", _pct(summary["patient_auc_max"]["share_above"]["0.8"]), "have an image with attack AUC > 0.8"),
-        ("Most exposed patient", f"AUC {summary['patient_auc_max']['max']:.3f}", str(patient_table["patient_id"].iloc[0])),
+        ("Shadow models", f"{summary['n_shadows']} shadows + {summary['n_targets']} targets",
+         f"{summary['n_runs']} runs; {summary['n_records']} images of {summary['n_patients']} patients"),
+        ("Strongest attack", f"AUC {_auc(strongest['max_auc']['observed'])}",
+         f"{strongest['strongest']}; {_chance_text(strongest['max_auc'], _auc)}; "
+         f"TPR {_pct(best['tpr_at_1%_fpr']['mean'])} at 1 % FPR"),
+        ("Patients at risk", _pct(patients_at_risk["observed"]), _chance_text(patients_at_risk)),
+        ("Records at risk", _pct(records_at_risk["observed"]), _chance_text(records_at_risk)),
+        ("Most exposed patient", f"AUC {_auc(top_patient['auc'])}",
+         f"{top_patient['patient_id']}; p = {top_patient['p_value']:.2g}, q = {top_patient['q_value']:.2g}"),
     ]
     sections = []
+    attack_floor = strongest["per_attack"]
     attack_rows = pd.DataFrame([
         {"attack": name, "AUC mean": s["auc"]["mean"], "AUC sd": s["auc"]["sd"],
+         "AUC by chance": attack_floor[name]["chance_mean"], "chance 95 % up to": attack_floor[name]["chance_hi"],
          "TPR @ 0.1 % FPR": s["tpr_at_0.1%_fpr"]["mean"], "TPR @ 1 % FPR": s["tpr_at_1%_fpr"]["mean"]}
         for name, (s, _) in attacks.items()])
     sections.append(("Attacks on held-out models", "".join((
@@ -120,19 +192,35 @@ def audit_page(out_dir, summary, attacks, patient_table, privacy_table, utility_
                     "Each curve trades false alarms (x) against caught members (y) for one attack. The dashed diagonal is "
                     "guessing. What matters for privacy is the left edge of the log-log panel: a curve far above the "
                     "diagonal at 0.1 % false-positive rate means some patients can be identified with confidence."),
-        f"<p>Targets: runs {summary['target_runs']} held out; {summary['n_shadows']} shadow models. "
-        f"RMIA offline a = {summary['rmia_offline_a']} (tuned on a shadow model).</p>"))))
-    shares = pd.DataFrame([{"AUC above": t, "records": summary["record_auc"]["share_above"][t],
-                            "patients": summary["patient_auc_max"]["share_above"][t]} for t in summary["record_auc"]["share_above"]])
+        f"<p>Targets: runs {summary['target_runs']}, each attacked with the other runs as shadows less one model per "
+        f"record ({summary['n_shadows']} shadows), so the shadows that describe a record do not depend on whether it is "
+        "in the target. Chance levels come from permuting each patient's membership across the targets "
+        f"({strongest['n_permutations']} permutations, seed {strongest['seed']}); TPR at 1 % FPR is 1 % by chance.</p>"))))
+    share_rows = []
+    for unit in ("records", "patients"):
+        floor = floors[unit]
+        for t, f in floor["share_above"].items():
+            share_rows.append({"unit": unit, "AUC above": t, "observed": f["observed"], "by chance": f["chance_mean"],
+                               "chance 95 % up to": f["chance_hi"], "excess": f["excess"]})
+        share_rows.append({"unit": unit, "AUC above": "at risk", "observed": floor["at_risk"]["observed"],
+                           "by chance": floor["at_risk"]["chance_mean"], "chance 95 % up to": floor["at_risk"]["chance_hi"],
+                           "excess": floor["at_risk"]["excess"]})
     sections.append(("Record and patient risk", "".join((
-        table_html(shares),
+        f"<p>Each record and each patient is ranked IN against OUT over all {summary['n_runs']} models: its AUC is the "
+        "share of (IN model, OUT model) pairs in which the IN model scores it higher, with an exact p-value. A patient "
+        "is scored as one unit per model (the mean of its images' standardised scores), so a patient with many images "
+        f"is not flagged more often by chance. <i>At risk</i>: q-value ≤ {summary['fdr']:g} (Benjamini–Hochberg over "
+        f"patients) and AUC ≥ {summary['risk_auc']:g}. Chance levels: {floors['patients']['n_permutations']} seeded "
+        "permutations of each patient's IN/OUT bits across models.</p>",
+        table_html(pd.DataFrame(share_rows)),
         figure_html(figs["esf_records"], "Share of images whose attack AUC exceeds x",
                     "Read a point (x, y) as: a share y of images can be attacked with AUC above x. The y-axis is "
                     "logarithmic, so the rare, most exposed images are visible at the right; the shaded band is the "
-                    "95 % confidence interval."),
-        figure_html(figs["esf_patients"], "Share of patients whose most exposed image exceeds x",
-                    "The same for patients, each represented by their most exposed image: this is the number to "
-                    "discuss with a data-protection officer.")))))
+                    "95 % confidence interval, the grey dashed line what the same campaign shows when nothing leaks."),
+        figure_html(figs["esf_patients"], "Share of patients whose AUC exceeds x",
+                    "The same for patients, each scored as one unit: this is the number to discuss with a "
+                    "data-protection officer. Only the part of the curve above the grey chance band is leakage.")))))
+    sections.append(("How many runs are enough", _planner_html(summary["run_planner"])))
     top = patient_table.head(N_TOP_PATIENTS_SHOWN)
     sections.append((f"The {len(top)} most vulnerable patients", table_html(top)))
     parts = []
@@ -150,7 +238,10 @@ def audit_page(out_dir, summary, attacks, patient_table, privacy_table, utility_
             parts.append(figure_html(util, f"Utility and privacy side by side ({attribute})",
                                      "Left: how well the models work for each group (test AUROC). Right: how exposed the "
                                      "group's patients are. Fairness concerns both."))
-    sections.append(("Subgroups and diagnoses", "".join(parts) + table_html(privacy_table)))
+    if parts or not privacy_table.empty:
+        sections.append(("Subgroups and diagnoses", "".join(parts) + (
+            "<p>Differences are each group against all other patients, raw and adjusted for images per patient. "
+            f"{ADJUSTMENT_SENTENCE}</p>" + table_html(privacy_table) if not privacy_table.empty else "")))
     if utility_table is not None:
         sections.append(("Model utility by subgroup", table_html(utility_table)))
     if "vulnerable_images" in figs:
@@ -163,7 +254,8 @@ def audit_page(out_dir, summary, attacks, patient_table, privacy_table, utility_
     if summary["skipped_runs"]:
         notes.append(f"Skipped runs: {summary['skipped_runs']}")
     notes += list(summary.get("warnings", []))
-    return write_report(Path(out_dir) / "report.html", dataset=summary["dataset"], headline=headline, sections=sections, notes=notes)
+    return write_report(Path(out_dir) / "report.html", dataset=summary["dataset"], headline=headline, sections=sections,
+                        notes=notes, verdict_text=summary["verdict"])
 
 
 # --------------------------------------------------------------------- budgets.html (several ε)
@@ -178,6 +270,8 @@ def budget_page(out_dir, dataset, table, subgroup_table, figs):
         "AUC bound": table["auc_bound"], "records > bound": table["share_records_above_bound"],
         "patients > bound": table["share_patients_above_bound"], "max record AUC": table["max_record_auc"],
         "empirical ε ≥": table["empirical_epsilon_lb"], "attack": table["attack"],
+        "patients at risk (chance)": chance_text(table, "at_risk", _pct),
+        "strongest attack AUC (chance)": chance_text(table, "strongest_attack_auc", "{:.3f}".format),
     })
     record_level = (table["unit"] == "record").any()
     headline = [
@@ -199,9 +293,12 @@ def budget_page(out_dir, dataset, table, subgroup_table, figs):
             "<p>The AUC bound is what the guarantee implies for any membership test on one unit (from the trained "
             "models' privacy profile, for the weakest run). Records whose estimated AUC exceeds it by more than two "
             "standard errors would contradict the guarantee; a few above it are expected from estimation noise. "
-            "<b>Empirical ε.</b> A Clopper–Pearson lower bound (95 %, Bonferroni over thresholds and attacks) from the "
-            "strongest LiRA or loss-threshold attack "
-            f"on held-out models (RMIA is not re-run here); {INDEPENDENCE_NOTE}.</p>")),
+            "<b>Empirical ε.</b> From the strongest LiRA or loss-threshold attack on the held-out models (RMIA "
+            f"is left out: its scores are population ranks); {EMPIRICAL_EPSILON_NOTE}. "
+            "<b>Chance level.</b> Beside the patients-at-risk share and the strongest attack's AUC of each "
+            "campaign's own audit: their value when nothing leaks (mean and 95 % interval over permutations of "
+            "each patient's IN/OUT bits, from that audit's noise floor); a number inside its chance interval "
+            "is not evidence of leakage.</p>")),
         ("Risk per budget", "".join((
             figure_html(figs["esf_records"], "Record-level risk per ε, with each guarantee's AUC bound",
                         "Each curve is the share of images whose attack AUC exceeds x (log scale, 95 % band). "
@@ -222,3 +319,20 @@ def budget_page(out_dir, dataset, table, subgroup_table, figs):
     notes = ["Record-level guarantees on patients with several images: see 'Which unit is protected'."] if record_level else []
     return write_report(Path(out_dir) / "budgets.html", dataset=f"{dataset}: privacy budgets", headline=headline,
                         sections=sections, notes=notes)
+
+
+def chance_text(table, stem, fmt):
+    """"observed (chance mean [lo, hi])" per budgets.csv row from `budgets.chance_columns`' columns;
+    "–" where the audit reported no noise floor."""
+    columns = [stem, f"chance_{stem}", f"chance_{stem}_lo", f"chance_{stem}_hi"]
+    if not set(columns) <= set(table.columns):
+        return ["–"] * len(table)
+    out = []
+    for observed, mean, lo, hi in table[columns].to_numpy(float):
+        if not np.isfinite(observed):
+            out.append("–")
+        elif not np.isfinite(mean):
+            out.append(fmt(observed))
+        else:
+            out.append(f"{fmt(observed)} ({fmt(mean)} [{fmt(lo)}, {fmt(hi)}])")
+    return out
