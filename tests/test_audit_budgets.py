@@ -28,15 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "positive"]
 DELTA = 1e-5
 N_RUNS = 16
+N_LEAKY = 12_000  # patients of the fixture's non-DP campaign (why so many: `compared`)
 
 
 def write_gaussian_campaign(logdir, *, sigmas=None, target_epsilon=None, n_patients=120, dataset="synthetic",
-                            auroc=(0.8, 0.9), shift=1.0, seed=0):
+                            auroc=(0.8, 0.9), shift=None, seed=0):
     """A campaign logdir whose run r releases base + shift·member + sigmas[r]·noise per record (sigmas=None:
-    ordinary training, modelled as a strong leak 3·member + 0.3·noise and no "dp" in metrics.json).
+    ordinary training, modelled as a strong leak shift·member + 0.3·noise, shift 3 by default, and no
+    "dp" in metrics.json).
 
-    shift = 1 uses the whole sensitivity (the guarantee is tight); shift < 1 leaks less than the
-    guarantee allows, as real DP-SGD models do. Patients have 1 or 2 records (every third patient has 2). Test utility per run alternates between
+    shift = 1 (the DP default) uses the whole sensitivity (the guarantee is tight); shift < 1 leaks less
+    than the guarantee allows, as real DP-SGD models do; shift = 0 is a null campaign (no membership
+    signal at all). Patients have 1 or 2 records (every third patient has 2). Test utility per run alternates between
     the two `auroc` values; subgroup "sex" gets auroc − 0.1 for F and auroc for M.
     """
     rng = np.random.default_rng(seed)
@@ -59,10 +62,10 @@ def write_gaussian_campaign(logdir, *, sigmas=None, target_epsilon=None, n_patie
     for run in range(N_RUNS):
         member = patient_mask[run][patient_index]
         if sigmas is None:
-            z = base + 3.0 * member + 0.3 * rng.normal(size=len(records))
+            z = base + (3.0 if shift is None else shift) * member + 0.3 * rng.normal(size=len(records))
             dp = None
         else:
-            z = base + shift * member + sigmas[run] * rng.normal(size=len(records))
+            z = base + (1.0 if shift is None else shift) * member + sigmas[run] * rng.normal(size=len(records))
             dp = dict(epsilon=spent_epsilon(sigmas[run], 1.0, 1, DELTA), target_epsilon=target_epsilon, delta=DELTA,
                       noise_multiplier=float(sigmas[run]), sampling_rate=1.0, steps=1, accountant="pld", unit="record",
                       clip_norm=1.0, truncation_prob_per_step=0.0)
@@ -93,7 +96,10 @@ def run_cli(*flags):
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     base = tmp_path_factory.mktemp("budgets")
-    logdirs = [write_gaussian_campaign(base / "dp_epsinf" / "synthetic", seed=3, auroc=(0.9, 0.92)),
+    # the leaky campaign is large: at its δ (default_delta of 12,000 patients, 8e-6) the one-run audit's
+    # 2mδ term caps what m canaries per target can prove (ε ≈ 1.1 at 5,000, 2.2 at 12,000 perfectly
+    # separated patients), and the check below asks for ε > 2
+    logdirs = [write_gaussian_campaign(base / "dp_epsinf" / "synthetic", seed=3, auroc=(0.9, 0.92), n_patients=N_LEAKY),
                write_gaussian_campaign(base / "dp_eps1" / "synthetic", sigmas=SIGMAS_EPS1, target_epsilon=1.0, seed=1, auroc=(0.6, 0.7)),
                write_gaussian_campaign(base / "dp_eps4" / "synthetic", sigmas=SIGMAS_EPS4, target_epsilon=4.0, seed=2, auroc=(0.8, 0.8),
                                        shift=0.5)]
@@ -126,14 +132,24 @@ def test_each_epsilon_is_picked_up_in_order_with_its_facts(compared):
 @pytest.mark.slow
 def test_budgets_csv_columns(compared):
     _, table, _ = compared
+    chance = [f"{kind}{stem}{end}" for stem in ("at_risk", "strongest_attack_auc")
+              for kind, end in (("", ""), ("chance_", ""), ("chance_", "_lo"), ("chance_", "_hi"), ("excess_", ""),
+                                ("excess_", "_lo"), ("excess_", "_hi"))]
     assert list(table.reset_index().columns) == [
         "logdir", "target_epsilon", "spent_epsilon", "delta", "unit", "sigma_min", "sigma_max", "q", "steps", "n_runs",
         "test_auroc_mean", "test_auroc_sd", "test_accuracy_mean", "test_accuracy_sd", "auc_bound",
         "share_records_above_bound", "share_records_above_bound_2se", "share_patients_above_bound", "max_record_auc",
-        "max_patient_auc", "empirical_epsilon_lb", "theoretical_epsilon", "n_trials", "attack", "note"]
-    assert table["note"].str.contains("not independent").all()
-    # trials are units: record-level DP keeps the 80 single-image patients of 120, no DP all 120; × 4 targets
-    assert table["n_trials"].tolist() == [320, 320, 480]
+        "max_patient_auc", "empirical_epsilon_lb", "theoretical_epsilon", "n_trials", "attack", *chance, "note"]
+    assert table["note"].str.contains("one-run audit").all()
+    # trials are units: record-level DP keeps the 80 single-image patients of 120, no DP all patients; × 4 targets
+    assert table["n_trials"].tolist() == [320, 320, 4 * N_LEAKY]
+    # the chance level of each headline: observed = chance mean + excess, inside the interval bounds
+    for stem in ("at_risk", "strongest_attack_auc"):
+        assert np.allclose(table[stem], table[f"chance_{stem}"] + table[f"excess_{stem}"])
+        assert (table[f"chance_{stem}_lo"] <= table[f"chance_{stem}"] + 1e-12).all()
+        assert (table[f"chance_{stem}"] <= table[f"chance_{stem}_hi"] + 1e-12).all()
+    leaky = table.loc["dp_epsinf_synthetic"]
+    assert leaky["excess_at_risk_lo"] > 0.5 and leaky["excess_strongest_attack_auc_lo"] > 0.2
 
 
 @pytest.mark.slow
@@ -181,7 +197,70 @@ def test_single_audits_figures_and_report(compared):
     assert summary["labels"] == list(table.index)
 
 
+@pytest.mark.slow
+def test_null_campaigns_prove_no_epsilon(tmp_path):
+    """No membership signal (shift 0) at three "ε" labels: every empirical ε is 0. At δ = 1e-5 and 400
+    patients the audit has power (perfectly separated canaries of this size prove ε ≈ 2.3), so a
+    shadow statistic that carried the target's coins (issue 11: 0.02–0.21 on null campaigns) would show."""
+    logdirs = [write_gaussian_campaign(tmp_path / "dp_epsinf" / "synthetic", shift=0.0, n_patients=400, seed=11),
+               write_gaussian_campaign(tmp_path / "dp_eps1" / "synthetic", sigmas=SIGMAS_EPS1, target_epsilon=1.0,
+                                       shift=0.0, n_patients=400, seed=12),
+               write_gaussian_campaign(tmp_path / "dp_eps4" / "synthetic", sigmas=SIGMAS_EPS4, target_epsilon=4.0,
+                                       shift=0.0, n_patients=400, seed=13)]
+    budgets.compare_budgets(logdirs, AuditOptions(out_dir=tmp_path / "out", eval_size=4, progress=False))
+    table = pd.read_csv(tmp_path / "out" / "budgets.csv").set_index("logdir")
+    assert table["empirical_epsilon_lb"].tolist() == [0.0, 0.0, 0.0]
+    assert table.loc["dp_eps1_synthetic", "n_trials"] == 4 * sum(i % 3 != 0 for i in range(400))  # single-image patients × targets
+    # the headlines sit at their chance level
+    assert (table["excess_strongest_attack_auc_lo"] <= 0).all() and (table["excess_strongest_attack_auc_hi"] >= 0).all()
+
+
 # ---------------------------------------------------------------- pure functions
+
+
+def test_strongest_attack_scores_are_one_array_per_target():
+    rng = np.random.default_rng(0)
+    patient_ids = np.array(["a", "b", "b", "c", "d", "e", "e", "f"])
+    units = budgets.trial_units(patient_ids, "patient")
+    masks = np.array([[1, 0, 0, 1, 1, 0, 0, 1], [0, 1, 1, 0, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0, 1]], dtype=bool)
+    names = [*budgets.LIRA_VARIANTS, "Loss threshold"]
+    scores = {name: rng.normal(size=masks.shape) for name in names}
+    scores["Loss threshold"] = masks + 0.1 * rng.normal(size=masks.shape)  # the strongest, by far
+    best, in_scores, out_scores, n_candidates = budgets.strongest_attack_scores(scores, masks, units)
+    assert best == "Loss threshold" and n_candidates == len(names) and len(in_scores) == len(out_scores) == 3
+    for target in range(3):  # slow loop: per patient in first-seen order, the mean of its records' scores
+        expected_in, expected_out = [], []
+        for patient in dict.fromkeys(patient_ids):
+            rows = np.flatnonzero(patient_ids == patient)
+            (expected_in if masks[target, rows[0]] else expected_out).append(scores[best][target, rows].mean())
+        assert np.allclose(in_scores[target], expected_in) and np.allclose(out_scores[target], expected_out)
+
+
+def test_inclusion_probability_is_k_over_n_runs():
+    rng = np.random.default_rng(1)
+    exactly_k = np.argsort(rng.random((8, 30)), axis=0) < 4
+    assert budgets.inclusion_probability(exactly_k) == 0.5
+    assert budgets.inclusion_probability(np.argsort(rng.random((8, 30)), axis=0) < 2) == 0.25
+    uneven = exactly_k.copy()
+    uneven[0, 0] = ~uneven[0, 0]
+    assert math.isnan(budgets.inclusion_probability(uneven))
+
+
+def test_chance_columns_read_the_noise_floor_and_are_nan_without_one():
+    at_risk = dict(observed=0.3, chance_mean=0.01, chance_lo=0.0, chance_hi=0.03, excess=0.29, excess_lo=0.27,
+                   excess_hi=0.3, p_value=0.001)
+    strongest = dict(observed=0.6, chance_mean=0.5, chance_interval=[0.48, 0.52], excess=0.1, excess_interval=[0.08, 0.12])
+    got = budgets.chance_columns({"noise_floor": {"patients": {"at_risk": at_risk}, "strongest_attack": {"max_auc": strongest}}})
+    assert got == {"at_risk": 0.3, "chance_at_risk": 0.01, "chance_at_risk_lo": 0.0, "chance_at_risk_hi": 0.03,
+                   "excess_at_risk": 0.29, "excess_at_risk_lo": 0.27, "excess_at_risk_hi": 0.3,
+                   "strongest_attack_auc": 0.6, "chance_strongest_attack_auc": 0.5, "chance_strongest_attack_auc_lo": 0.48,
+                   "chance_strongest_attack_auc_hi": 0.52, "excess_strongest_attack_auc": 0.1,
+                   "excess_strongest_attack_auc_lo": 0.08, "excess_strongest_attack_auc_hi": 0.12}
+    assert budgets.chance_columns({"noise_floor": {"strongest_attack": strongest}})["chance_strongest_attack_auc"] == 0.5
+    missing = budgets.chance_columns({})
+    assert list(missing) == list(got) and all(math.isnan(v) for v in missing.values())
+
+
 
 
 def test_group_privacy_and_patient_bounds():

@@ -17,26 +17,34 @@ record/patient risk of its single audit (the tables `audit_campaign` returns) an
 - **patient-level bounds**: with patient-level DP the same bound applies to a patient. With
   record-level DP a patient with k images is protected only through group privacy:
   (kε, k·e^{(k−1)ε}·δ), so each patient is compared with the bound for their own k.
-- **an empirical ε lower bound** (Clopper–Pearson, `empirical_epsilon_lower_bound`, Bonferroni
-  over the candidate attacks) from the strongest LiRA/loss attack on the held-out target models.
-  Trials are privacy units, so that each has its own independent IN/OUT draw and the guarantee
-  applies to it: one trial per patient (its records' mean attack score), and for record-level DP
-  only patients with a single image (a record of a multi-image patient moves IN/OUT with the
-  patient's other images, a group the record-level guarantee covers only as kε). Units of one
-  target model still share that model's training randomness (a one-run audit), so the interval
-  is somewhat optimistic: a diagnostic beside the theoretical ε, not a proof.
+- **an empirical ε lower bound**: the one-run audit of Steinke, Nasr & Jagielski 2023
+  (`medleak.dp.auditing`, via `accounting.empirical_epsilon_lower_bound`) from the strongest
+  LiRA/loss attack on each held-out target model, Bonferroni over targets and candidate attacks.
+  A target's canaries are privacy units, each with its own IN/OUT coin in that run: one per
+  patient (its records' mean attack score), and for record-level DP only patients with a single
+  image (a record of a multi-image patient moves IN/OUT with the patient's other images, a group
+  the record-level guarantee covers only as kε). The theorem needs fair coins: a patient is IN
+  for k of the n_runs runs, so P(IN) = k/n_runs must be ½ (else the bound is NaN, with a
+  warning). The attacks' shadows do not depend on the target's coins (`audit`'s per-target
+  design), so on null campaigns the bound is 0 within its confidence. δ is the campaign's; for
+  ordinary training (no δ) `default_delta` of the number of patients.
+- **the chance level of each headline** (`chance_columns`): the patients-at-risk share and the
+  strongest attack's AUC of the single audit beside their noise floor (observed, chance mean and
+  interval, excess and interval) from the audit's summary["noise_floor"]; NaN where the audit
+  reports none.
 """
 
 import dataclasses
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from medleak.rundir import METRICS_FILE, list_complete_runs, run_dir
+from medleak.rundir import METRICS_FILE, list_complete_runs, load_patient_mask, run_dir
 from medleak.errors import MedleakError
 from medleak.io_utils import read_json, write_csv, write_json
 from medleak.privacy_utils import figures, report
@@ -44,7 +52,7 @@ from medleak.privacy_utils.audit import (LIRA_VARIANTS, AuditOptions, audit_camp
                                          make_out_dir)
 from medleak.privacy_utils.figures import epsilon_text
 from medleak.privacy_utils.load import read_plan_files
-from medleak.privacy_utils.report import INDEPENDENCE_NOTE
+from medleak.privacy_utils.report import EMPIRICAL_EPSILON_NOTE
 from medleak.privacy_utils.roc import summarise_attack
 from medleak.privacy_utils.scoring import load_campaign
 
@@ -226,19 +234,31 @@ def subgroup_utility(metrics):
 
 
 def strongest_attack_scores(attack_scores, target_masks, unit_index):
-    """(name, in_scores, out_scores, n_candidates) of the strongest LiRA variant or loss threshold, per unit.
+    """(name, [in_scores], [out_scores], n_candidates): the strongest LiRA variant or loss threshold's
+    unit scores, one array per held-out target (a target is one training run: its units are that
+    run's canaries, `medleak.dp.auditing`; several runs' units pooled are not).
 
     attack_scores / target_masks: the single audit's held-out targets (`audit.AuditResult`);
     strongest = highest mean AUC over targets (RMIA is left out: its scores are population ranks).
     unit_index (n_records,) int gives each record's trial (a patient), −1 leaves the record out; a
     trial's score is the mean over its records, its membership that of its records (all equal).
     """
-    candidates = {name: attack_scores[name] for name, _ in LIRA_VARIANTS}
+    candidates = {name: attack_scores[name] for name in LIRA_VARIANTS}
     candidates["Loss threshold"] = attack_scores["Loss threshold"]
     aucs = {name: summarise_attack(s, target_masks)[0]["auc"]["mean"] for name, s in candidates.items()}
     best = max(aucs, key=aucs.get)
-    unit_scores, unit_members = unit_trials(np.asarray(candidates[best], dtype=np.float64), target_masks, unit_index)
-    return best, unit_scores[unit_members], unit_scores[~unit_members], len(candidates)
+    scores = np.asarray(candidates[best], dtype=np.float64)
+    per_target = [unit_trials(s[None], m[None], unit_index) for s, m in zip(scores, np.asarray(target_masks, dtype=bool))]
+    return best, [s[m] for s, m in per_target], [s[~m] for s, m in per_target], len(candidates)
+
+
+def inclusion_probability(patient_mask):
+    """P(IN) of one patient's coin in one run: k / n_runs for the plan's (n_runs, n_patients) mask, in
+    which every patient is IN for the same k runs, drawn per patient; NaN when k differs between
+    patients (not such a plan)."""
+    patient_mask = np.asarray(patient_mask, dtype=bool)
+    runs_in = np.unique(patient_mask.sum(axis=0))
+    return float(runs_in[0]) / patient_mask.shape[0] if runs_in.size == 1 else math.nan
 
 
 def unit_trials(target_scores, target_masks, unit_index):
@@ -272,8 +292,51 @@ def trial_units(patient_ids, unit):
     return codes
 
 
-def budget_row(label, facts, utility, record_table, patient_table, bound, patient_bound, empirical, n_trials, attack):
-    """One row of budgets.csv (its columns, in order, are this dict's keys)."""
+# Headlines shown beside their chance level: column stem → path in the audit's summary["noise_floor"]
+CHANCE_HEADLINES = (("at_risk", ("patients", "at_risk")), ("strongest_attack_auc", ("strongest_attack",)))
+CHANCE_FIELDS = ("", "chance_", "chance_{}_lo", "chance_{}_hi", "excess_", "excess_{}_lo", "excess_{}_hi")
+
+
+def chance_columns(summary):
+    """{column: value} of each CHANCE_HEADLINES entry: observed, chance mean and interval, excess and
+    interval, from the single audit's summary["noise_floor"] (`noise_floor.compare_to_chance`'s
+    fields; an interval also read as a [lo, hi] pair `chance_interval` / `excess_interval`; the
+    strongest attack's entry may hold them under "max_auc"). NaN for whatever it does not report."""
+    floor = (summary or {}).get("noise_floor") or {}
+    out = {}
+    for stem, path in CHANCE_HEADLINES:
+        entry = floor
+        for key in path:
+            entry = entry.get(key) if isinstance(entry, dict) else None
+        entry = entry if isinstance(entry, dict) else {}
+        entry = entry.get("max_auc", entry) if isinstance(entry.get("max_auc"), dict) else entry
+        values = [entry.get("observed"), entry.get("chance_mean"), *interval(entry, "chance"), entry.get("excess"),
+                  *interval(entry, "excess")]
+        for field, value in zip(CHANCE_FIELDS, values):
+            column = field.format(stem) if "{}" in field else f"{field}{stem}"
+            out[column] = finite_or_nan(value)
+    return out
+
+
+def interval(entry, name):
+    """(lo, hi) of a noise-floor entry's `name` interval: name_lo/name_hi, or a pair name_interval."""
+    if f"{name}_lo" in entry or f"{name}_hi" in entry:
+        return entry.get(f"{name}_lo"), entry.get(f"{name}_hi")
+    pair = entry.get(f"{name}_interval")
+    return tuple(pair) if isinstance(pair, (list, tuple)) and len(pair) == 2 else (None, None)
+
+
+def finite_or_nan(value):
+    """float(value), or NaN for a missing or non-numeric value."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def budget_row(label, facts, utility, record_table, patient_table, bound, patient_bound, empirical, n_trials, attack,
+               chance):
+    """One row of budgets.csv (its columns, in order, are this dict's keys); `chance`: `chance_columns`."""
     auc, se = record_table["auc"].to_numpy(float), record_table["auc_se"].to_numpy(float)
     patient_auc = patient_table["auc_max"].to_numpy(float)
     return dict(
@@ -285,7 +348,7 @@ def budget_row(label, facts, utility, record_table, patient_table, bound, patien
         share_records_above_bound_2se=float(np.mean(auc - 2 * se > bound)),
         share_patients_above_bound=float(np.mean(patient_auc > patient_bound)), max_record_auc=float(auc.max()),
         max_patient_auc=float(patient_auc.max()), empirical_epsilon_lb=empirical, theoretical_epsilon=facts["epsilon"],
-        n_trials=n_trials, attack=attack, note=INDEPENDENCE_NOTE,
+        n_trials=n_trials, attack=attack, **chance, note=EMPIRICAL_EPSILON_NOTE,
     )
 
 
@@ -303,8 +366,6 @@ class _Budget:
 def audit_budget(budget: _Budget, options: AuditOptions, out_dir, dataset):
     """One logdir's step: its single audit into <out_dir>/<label>/, then (budgets.csv row, record eSF curve,
     patient eSF curve, utility per subgroup)."""
-    from medleak.dp.accounting import empirical_epsilon_lower_bound
-
     single_dir = out_dir / budget.label
     audit = audit_campaign(load_campaign(budget.logdir, progress=options.progress),
                            dataclasses.replace(options, out_dir=single_dir, dataset=dataset))
@@ -313,12 +374,12 @@ def audit_budget(budget: _Budget, options: AuditOptions, out_dir, dataset):
     p_bounds = patient_bounds(budget.facts, bound, patient_table["n_records"].to_numpy())
     units = trial_units(record_table["patient_id"].to_numpy(), budget.facts["unit"])
     attack, in_scores, out_scores, n_candidates = strongest_attack_scores(audit.attack_scores, audit.target_masks, units)
+    chance = chance_columns(audit.summary)
     del audit
-    delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else 1.0 / len(patient_table)
-    empirical = (empirical_epsilon_lower_bound(in_scores, out_scores, delta, significance=0.05 / n_candidates)
-                 if in_scores.size and out_scores.size else math.nan)
+    n_trials = sum(a.size + b.size for a, b in zip(in_scores, out_scores))
+    empirical = empirical_epsilon(budget, in_scores, out_scores, n_candidates, len(patient_table))
     row = budget_row(budget.label, budget.facts, utility_summary(budget.metrics), record_table, patient_table,
-                     bound, p_bounds, empirical, in_scores.size + out_scores.size, attack)
+                     bound, p_bounds, empirical, n_trials, attack, chance)
     name = epsilon_text(budget.facts["target_epsilon"])
     finite = math.isfinite(budget.facts["target_epsilon"])
     record_curve = (f"ε = {name} ({budget.facts['unit']}-level)" if finite else "ε = ∞ (no DP)",
@@ -332,6 +393,24 @@ def audit_budget(budget: _Budget, options: AuditOptions, out_dir, dataset):
     groups.insert(0, "target_epsilon", budget.facts["target_epsilon"])
     groups.insert(0, "logdir", budget.label)
     return row, record_curve, patient_curve, groups
+
+
+def empirical_epsilon(budget: _Budget, in_scores, out_scores, n_candidates, n_patients):
+    """The one-run ε lower bound of one logdir (module doc); NaN (with a warning) when its plan's
+    coins are not fair or no target has both IN and OUT units."""
+    from medleak.dp.accounting import default_delta, empirical_epsilon_lower_bound
+
+    if not any(a.size and b.size for a, b in zip(in_scores, out_scores)):
+        return math.nan
+    p_in = inclusion_probability(load_patient_mask(budget.logdir))
+    if not abs(p_in - 0.5) < 1e-12:
+        warnings.warn(f"{budget.logdir}: patients are IN with probability {p_in:.3g} per run, not 1/2; the empirical "
+                      "epsilon (one-run audit) needs --subset_ratio=0.5 and an even --n_runs, so it is left out (NaN)",
+                      stacklevel=2)
+        return math.nan
+    delta = budget.facts["delta"] if math.isfinite(budget.facts["delta"]) else default_delta(int(n_patients))
+    return empirical_epsilon_lower_bound(in_scores, out_scores, delta, significance=0.05 / n_candidates,
+                                         inclusion_probability=p_in)
 
 
 def budget_figures(out_dir, table, subgroup_table, record_curves, patient_curves) -> dict:
@@ -376,7 +455,7 @@ def compare_budgets(logdirs, options: AuditOptions = AuditOptions()):
     write_csv(out_dir / "budgets_utility_by_subgroup.csv", subgroup_table)
     figs = budget_figures(out_dir, table, subgroup_table, record_curves, patient_curves)
     summary = {"dataset": dataset, "logdirs": [str(b.logdir) for b in budgets], "labels": [b.label for b in budgets],
-               "budgets": table.drop(columns=["note"]).to_dict(orient="records"), "note": INDEPENDENCE_NOTE}
+               "budgets": table.drop(columns=["note"]).to_dict(orient="records"), "note": EMPIRICAL_EPSILON_NOTE}
     write_json(out_dir / "budgets.json", summary)
     summary["report"] = str(report.budget_page(out_dir, dataset, table, subgroup_table, figs))
     return summary
