@@ -26,9 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def script_env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
-    return env
+    return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 def run_script(dataset, *flags, timeout=300):
