@@ -28,6 +28,7 @@ PATIENTS_FILE = "patients.csv"
 RECORDS_FILE = "records.csv"
 TEST_RECORDS_FILE = "test_records.csv"
 RUNS_DIR = "runs"
+CHECKPOINTS_DIR = "checkpoints"  # per-run training checkpoints; deleted when the run is published
 ARRAY_FILES = ("train_logits.npy", "train_labels.npy", "record_mask.npy", "test_logits.npy", "test_labels.npy")
 METRICS_FILE = "metrics.json"
 RUN_FILES = ARRAY_FILES + (METRICS_FILE,)
@@ -79,6 +80,15 @@ def list_complete_runs(logdir) -> list[int]:
         if match and entry.is_dir():
             found.append(int(match.group(1)))
     return sorted(found)
+
+
+def checkpoint_dir(logdir, run_index: int) -> Path:
+    """Where run `run_index` keeps its training checkpoints while it trains: `checkpoints/run_NNNN`.
+
+    Outside `runs/` and not named after a worker, so it outlives the worker that wrote it and the
+    next claim of the run resumes from it.
+    """
+    return Path(logdir) / CHECKPOINTS_DIR / run_dir_name(run_index)
 
 
 def tmp_run_dir(logdir, run_index: int) -> Path:
