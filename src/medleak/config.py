@@ -75,7 +75,7 @@ class TrainConfig:
     compute_dtype: str = "auto"  # activations; parameters stay float32
     # Differential privacy (epsilon = inf disables DP-SGD).
     epsilon: float = float("inf")
-    delta: float = 0.0  # 0 → 1/n_train units (records or patients)
+    delta: float = 0.0  # 0 → dp.accounting.default_delta(n units) = 1/(n(1 + ln n)), fixed when the plan is made
     clip_norm: float = 1.0
     dp_unit: str = "record"  # "record" or "patient"
 

@@ -34,7 +34,7 @@ TRAIN_FLAG_HELP = {
     "compute_dtype": "activations' dtype: auto (bfloat16 on GPU/TPU, float32 on CPU; resolved once, when the "
                      "plan is made, and recorded in plan.json), float32 or bfloat16 (parameters stay float32)",
     "epsilon": "DP-SGD target epsilon (inf = no differential privacy)",
-    "delta": "DP-SGD delta (0 = 1/number of training units)",
+    "delta": "DP-SGD delta (0 = 1/(n(1 + ln n)) for the n training units, strictly below 1/n; fixed in plan.json)",
     "clip_norm": "DP-SGD per-unit gradient clipping norm",
     "dp_unit": "DP unit: record (one image) or patient (all of a patient's images)",
 }
