@@ -17,6 +17,9 @@ import re
 from medleak.errors import MedleakError
 
 NORMS = ("group", "batch")
+ACTIVATIONS = ("relu", "mish")  # resnet9's (small_cnn and the WRN use LeakyReLU(0.1))
+# Smallest image side a model takes: resnet9 downsamples 32x (stem, max-pool, three strided stages).
+MIN_IMAGE_SIDE = {"resnet9": 64}
 DP_UNITS = ("record", "patient")
 # "auto" is resolved once, when a campaign's plan is made (train_utils.device.resolve_compute_dtype):
 # bfloat16 on accelerators that support it, float32 on CPU; plan.json records the resolved value.
@@ -35,9 +38,10 @@ _WRN_NAME = re.compile(r"wrn_(\d+)_(\d+)")
 
 
 def model_architecture(name: str) -> tuple:
-    """('small_cnn',) or ('wrn', depth, width) for a model name; MedleakError naming --model otherwise."""
-    if name == "small_cnn":
-        return ("small_cnn",)
+    """('small_cnn',), ('resnet9',) or ('wrn', depth, width) for a model name; MedleakError naming
+    --model otherwise."""
+    if name in ("small_cnn", "resnet9"):
+        return (name,)
     match = _WRN_NAME.fullmatch(str(name))
     if match:
         depth, width = int(match.group(1)), int(match.group(2))
@@ -45,7 +49,27 @@ def model_architecture(name: str) -> tuple:
             raise MedleakError(
                 f"--model={name!r}: WRN depth must be 6n+4 with n >= 1 (e.g. 10, 16, 22, 28) and width >= 1")
         return ("wrn", depth, width)
-    raise MedleakError(f"unknown --model={name!r}: use small_cnn or wrn_<depth>_<width> such as wrn_28_2")
+    raise MedleakError(f"unknown --model={name!r}: use small_cnn, resnet9 or wrn_<depth>_<width> such as wrn_28_2")
+
+
+def check_model(model: str, norm: str, activation: str) -> tuple:
+    """`model_architecture(model)` after checking that `norm` and `activation` go with it."""
+    architecture = model_architecture(model)
+    check_choice("norm", norm, NORMS)
+    check_choice("activation", activation, ACTIVATIONS)
+    if model == "resnet9" and norm != "group":
+        raise MedleakError("--model=resnet9 uses GroupNorm(32) only: drop --norm=batch")
+    if activation != "relu" and model != "resnet9":
+        raise MedleakError(f"--activation={activation} applies to --model=resnet9 only ({model} uses LeakyReLU(0.1))")
+    return architecture
+
+
+def check_image_size(model: str, img_size) -> None:
+    """MedleakError naming --img_size when `model` needs larger images (MIN_IMAGE_SIDE)."""
+    side = MIN_IMAGE_SIDE.get(model)
+    if side is not None and min(img_size) < side:
+        raise MedleakError(f"--img_size={','.join(str(int(v)) for v in img_size)} is too small for "
+                           f"--model={model}: give at least {side},{side}")
 
 
 def check_choice(flag: str, value, choices) -> None:
@@ -58,6 +82,7 @@ def check_choice(flag: str, value, choices) -> None:
 class TrainConfig:
     model: str = "wrn_28_2"
     norm: str = "group"  # "group" (DP-compatible) or "batch"
+    activation: str = "relu"  # resnet9's: "relu" or "mish"
     img_size: tuple = (64, 64)  # (height, width)
     epochs: int = 10
     # Examples per optimiser update, computed in `grad_accum` micro-batches of batch_size / grad_accum
@@ -112,8 +137,8 @@ class TrainConfig:
             raise MedleakError(f"--warmup is a fraction of all training steps in [0, 1), got {self.warmup}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise MedleakError(f"--ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}")
-        model_architecture(self.model)
-        check_choice("norm", self.norm, NORMS)
+        check_model(self.model, self.norm, self.activation)
+        check_image_size(self.model, self.img_size)
         check_choice("augment", self.augment, tuple(AUGMENT_PRESETS))
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         check_choice("dp_unit", self.dp_unit, DP_UNITS)

@@ -16,8 +16,9 @@ from medleak.errors import MedleakError
 
 # TrainConfig field → help. The flag type follows the field's default value (img_size: "H,W").
 TRAIN_FLAG_HELP = {
-    "model": "architecture: small_cnn or wrn_<depth>_<width> (e.g. wrn_28_2)",
+    "model": "architecture: small_cnn, resnet9 (DP_CXR; 64x64 images and up) or wrn_<depth>_<width> (e.g. wrn_28_2)",
     "norm": "normalisation layer: group (DP-compatible) or batch",
+    "activation": "resnet9's activation: relu or mish (small_cnn and wrn_* use LeakyReLU(0.1))",
     "img_size": "image size as H,W (e.g. 64,64); images are resized once into the cache",
     "epochs": "training epochs per shadow model",
     "batch_size": "examples per optimiser update, computed in --grad_accum micro-batches of "

@@ -6,6 +6,11 @@
   the paper builds on: a 3x3 stem with 16 channels, then three stages of (depth - 4) / 6 blocks with
   16k, 32k and 64k channels (k = width; strides 1, 2, 2), LeakyReLU(0.1), global average pooling.
   `wrn_28_2` has ~1.47M parameters.
+- `resnet9`: torchvision's ResNet-18 layout with one BasicBlock per stage, as DP_CXR uses it: a 7x7
+  stride-2 stem (64) with a 3x3 stride-2 max-pool, stages of 64/128/256/512 channels (strides
+  1, 2, 2, 2; 1x1 projection shortcut when the shape changes), global average pooling, GroupNorm(32)
+  after every convolution and ReLU or Mish (`activation`). ~4.9M parameters with a 14-label head on
+  grayscale images; it needs inputs of at least 64x64 (config.MIN_IMAGE_SIDE).
 
 Every model takes float images (B, H, W, C) of any size and channel count and returns logits
 (B, num_classes) in float32. Normalisation is GroupNorm(16) by default, which works with per-example
@@ -19,7 +24,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medleak.config import NORMS, check_choice, model_architecture
+from medleak.config import check_image_size, check_model
 from medleak.errors import MedleakError
 
 GROUPS = 16  # GroupNorm groups: every channel count used here is a multiple of 16
@@ -113,18 +118,79 @@ class WideResNet(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-def create_model(name: str, num_classes: int, norm: str = "group", dtype=jnp.float32) -> nn.Module:
-    """Builds a model by registry name: `small_cnn` or `wrn_<depth>_<width>` (depth = 6n + 4)."""
-    check_choice("norm", norm, NORMS)
+RESNET9_GROUPS = 32  # DP_CXR replaces every BatchNorm of the torchvision ResNet by GroupNorm(32)
+
+
+def mish(x):
+    """x * tanh(softplus(x)) (Misra 2019)."""
+    return x * jnp.tanh(nn.softplus(x))
+
+
+ACTIVATION_FUNCTIONS = {"relu": nn.relu, "mish": mish}
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock (post-activation): conv-norm-act-conv-norm, + shortcut, act."""
+
+    width: int
+    stride: int
+    activation: str
+    dtype: object
+
+    @nn.compact
+    def __call__(self, x):
+        act = ACTIVATION_FUNCTIONS[self.activation]
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+        norm = functools.partial(nn.GroupNorm, num_groups=RESNET9_GROUPS, epsilon=1e-5, dtype=self.dtype)
+        y = conv(self.width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)))(x)
+        y = conv(self.width, (3, 3), padding=((1, 1), (1, 1)))(act(norm()(y)))
+        y = norm()(y)
+        if self.stride != 1 or x.shape[-1] != self.width:
+            x = norm()(conv(self.width, (1, 1), strides=self.stride, padding="VALID")(x))
+        return act(x + y)
+
+
+class ResNet9(nn.Module):
+    """torchvision ResNet(BasicBlock, [1, 1, 1, 1]) with GroupNorm(32) and ReLU or Mish."""
+
+    num_classes: int
+    activation: str = "relu"
+    widths: tuple = (64, 128, 256, 512)
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        check_image_size("resnet9", x.shape[1:3])
+        act = ACTIVATION_FUNCTIONS[self.activation]
+        x = x.astype(self.dtype)
+        x = nn.Conv(self.widths[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
+                    kernel_init=conv_init, dtype=self.dtype)(x)
+        x = act(nn.GroupNorm(num_groups=RESNET9_GROUPS, epsilon=1e-5, dtype=self.dtype)(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, width in enumerate(self.widths):
+            x = BasicBlock(width, 1 if stage == 0 else 2, self.activation, self.dtype)(x)
+        x = x.mean(axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def create_model(name: str, num_classes: int, norm: str = "group", dtype=jnp.float32,
+                 activation: str = "relu") -> nn.Module:
+    """Builds a model by registry name: `small_cnn`, `resnet9` or `wrn_<depth>_<width>` (depth = 6n + 4).
+
+    `activation` (relu | mish) is resnet9's; small_cnn and the WRN use LeakyReLU(0.1). resnet9
+    always uses GroupNorm(32) (`norm="batch"` is refused for it).
+    """
     if num_classes < 1:
         raise MedleakError(f"a model needs at least one output class, got num_classes={num_classes}")
-    architecture = model_architecture(name)
+    architecture = check_model(name, norm, activation)
     if architecture[0] == "small_cnn":
         return SmallCNN(num_classes=num_classes, norm=norm, dtype=dtype)
+    if architecture[0] == "resnet9":
+        return ResNet9(num_classes=num_classes, activation=activation, dtype=dtype)
     _, depth, width = architecture
     return WideResNet(num_classes=num_classes, depth=depth, width=width, norm=norm, dtype=dtype)
 
 
 def model_names() -> tuple:
     """Examples of valid model names (the WRN family accepts any valid depth/width)."""
-    return ("small_cnn", "wrn_16_4", "wrn_28_2", "wrn_28_10")
+    return ("small_cnn", "resnet9", "wrn_16_4", "wrn_28_2", "wrn_28_10")

@@ -312,7 +312,7 @@ class Trainer:
             self.test_images = self.test_labels = None
 
         self.model = create_model(config.model, self.n_classes, norm=config.norm,
-                                  dtype=jnp.dtype(config.compute_dtype))
+                                  dtype=jnp.dtype(config.compute_dtype), activation=config.activation)
         self.model_loss = ModelLoss(self.model, task)
         self.expected_train_size = int(expected_train_size or self.n_train)
         self.steps_per_epoch = steps_per_epoch(self.expected_train_size, config.batch_size)
