@@ -180,17 +180,23 @@ def validate_run(files: CampaignFiles, run: int, expected_mask=None):
                     None if test_labels is None else np.asarray(test_logits, dtype=np.float32)), None
 
 
-def validate_runs(files: CampaignFiles, *, progress=True):
-    """([RunFiles] of the usable runs in run order, [(run, reason)] skipped); all runs must agree on views."""
-    usable, skipped = discover_runs(files.logdir)
-    expected_mask = expected_masks(files, usable)
-    runs = []
-    for run in tqdm(usable, desc="reading runs", unit="run", disable=not progress):
+def validate_runs(files: CampaignFiles, *, progress=True, runs=None, n_views=None):
+    """([RunFiles] of the usable runs in run order, [(run, reason)] skipped); all runs must agree on
+    views (and with `n_views` when given: the cached runs'). `runs`: the run indices to check
+    (complete runs with every file, e.g. from `discover_runs`), default every run of the logdir."""
+    if runs is None:
+        usable, skipped = discover_runs(files.logdir)
+    else:
+        usable, skipped = list(runs), []
+    expected_mask = expected_masks(files, usable) if usable else None
+    checked = []
+    for run in tqdm(usable, desc="checking runs", unit="run", disable=not progress or not usable):
         run_files, reason = validate_run(files, run, expected_mask)
         if run_files is None:
             skipped.append((run, reason))
             continue
-        if runs and run_files.n_views != runs[0].n_views:
-            raise MedleakError(f"{run_files.train_logits_path}: {run_files.n_views} views, other runs have {runs[0].n_views}")
-        runs.append(run_files)
-    return runs, skipped
+        views = checked[0].n_views if checked else n_views
+        if views and run_files.n_views != views:
+            raise MedleakError(f"{run_files.train_logits_path}: {run_files.n_views} views, other runs have {views}")
+        checked.append(run_files)
+    return checked, skipped
