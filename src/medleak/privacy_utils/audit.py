@@ -74,6 +74,7 @@ class AuditOptions:
     permutations: int = DEFAULT_PERMUTATIONS
     target_se: float = 0.02
     progress: bool = True
+    cache: bool = True  # scores (and shadow statistics) reused from logdir/audit_cache/ (`cache.py`)
 
 
 def check_options(options: AuditOptions) -> None:
@@ -469,7 +470,7 @@ def run_audit(logdir, options: AuditOptions = AuditOptions()):
     files = read_campaign_files(logdir)
     check_dataset(options, files.plan, files.logdir)  # before the runs are read
     n_targets(len(list_complete_runs(files.logdir)), options.eval_size)  # too few runs / too many targets: say so now
-    return audit_campaign(score_campaign(files, progress=options.progress), options).summary
+    return audit_campaign(score_campaign(files, progress=options.progress, cache=options.cache), options).summary
 
 
 def audit_campaign(campaign, options: AuditOptions) -> AuditResult:

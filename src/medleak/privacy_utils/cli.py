@@ -30,6 +30,7 @@ AUDIT_FLAG_HELP = {
     "permutations": "Seeded permutations of each patient's IN/OUT bits that give every headline its chance level.",
     "target_se": "Standard error of record and patient AUC the run planner sizes the campaign for.",
     "progress": "Show progress bars while runs are read, scored and audited.",
+    "cache": "Reuse the scores of unchanged runs from <logdir>/audit_cache/ (written there on first use); false: read and score every run.",
 }
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}
 
