@@ -36,7 +36,9 @@ The step is factored in three replaceable parts so DP-SGD (src/medleak/dp/) plug
    Its "loss" entry is checked for NaN/inf after every chunk of steps (`TrainingDiverged`).
 
 There is no checkpoint selection: a run trains for the configured steps and the final (EMA)
-weights are evaluated.
+weights are evaluated. Checkpoints (`train(..., checkpoints=RunCheckpoints(dir))`,
+src/medleak/train_utils/checkpoint.py) only let a preempted run resume: the schedule is a function of
+the seed and each step's PRNG key of (seed, step), so a resumed run equals an uninterrupted one.
 """
 
 import dataclasses
@@ -55,6 +57,7 @@ from medleak.config import TrainConfig
 from medleak.data_utils.records import TASKS
 from medleak.errors import MedleakError
 from medleak.train_utils import augment, inference, metrics, optim
+from medleak.train_utils.checkpoint import run_fingerprint
 from medleak.train_utils.device import resolve_compute_dtype
 from medleak.train_utils.models import create_model
 
@@ -245,6 +248,7 @@ class TrainProgram:
     chunk_steps: int
     n_steps: int
     batch_size: int
+    epoch_steps: int  # checkpoints are saved at epoch boundaries (multiples of chunk_steps by default)
 
 
 def _chunk_steps(n_steps: int, target: int) -> int:
@@ -262,6 +266,12 @@ def _check_finite(losses, first_step: int, seed: int):
 
 
 # --- the trainer ---------------------------------------------------------------------------------
+
+def config_model(config: TrainConfig, n_classes: int):
+    """The flax model a (resolved) TrainConfig trains; `saved_model.load_model` rebuilds it too."""
+    return create_model(config.model, n_classes, norm=config.norm, dtype=jnp.dtype(config.compute_dtype),
+                        activation=config.activation)
+
 
 class Trainer:
     """Trains and evaluates many models of one configuration on one image set, compiling once."""
@@ -311,8 +321,7 @@ class Trainer:
         else:
             self.test_images = self.test_labels = None
 
-        self.model = create_model(config.model, self.n_classes, norm=config.norm,
-                                  dtype=jnp.dtype(config.compute_dtype), activation=config.activation)
+        self.model = config_model(config, self.n_classes)
         self.model_loss = ModelLoss(self.model, task)
         self.expected_train_size = int(expected_train_size or self.n_train)
         self.steps_per_epoch = steps_per_epoch(self.expected_train_size, config.batch_size)
@@ -370,50 +379,75 @@ class Trainer:
         chunk_compiled = jax.jit(make_train_chunk(step, chunk_steps), donate_argnums=0).lower(
             state_spec, self.images, self.labels, chunk_spec, seed_spec).compile()
         self.compile_seconds["train"] = self.compile_seconds.get("train", 0.0) + time.perf_counter() - started
-        program = TrainProgram(init_compiled, chunk_compiled, chunk_steps, n_steps, batch_size)
+        program = TrainProgram(init_compiled, chunk_compiled, chunk_steps, n_steps, batch_size, epoch_steps)
         self._programs[signature] = program
         return program
 
-    def train(self, train_indices, seed: int, progress: bool = True) -> TrainedModel:
+    def train(self, train_indices, seed: int, progress: bool = True, *, checkpoints=None,
+              after_chunk=None) -> TrainedModel:
         """Trains one model on rows `train_indices` of the training images; returns its weights.
+
+        `checkpoints` (`checkpoint.RunCheckpoints` of this run): the state is saved there at the first
+        epoch boundary after every `checkpoints.every_seconds` and at the end; a run that finds a
+        checkpoint of itself (same config and batch schedule) resumes from it, with the checkpoint's
+        seed whatever `seed` says (a re-claimed run may be given a fresh one). A checkpoint of anything
+        else, or of a run that diverged, is deleted. `after_chunk(steps_done)` is called after each
+        device call (progress reports; tests interrupt a run from it).
 
         Raises TrainingDiverged if the loss becomes NaN/inf.
         """
         started = time.perf_counter()
-        batches = self.schedule(train_indices, seed)
+        batches, seed, resume_step, fingerprint = self._resume_point(train_indices, seed, checkpoints)
         compile_before = self.compile_seconds.get("train", 0.0)
         program = self.compiled_program(batches)
         compile_seconds = self.compile_seconds.get("train", 0.0) - compile_before
         seed32 = np.uint32(_seed32(seed))
         state = program.init(seed32)
+        losses = np.full(program.n_steps, np.nan, dtype=np.float32)
+        first_step, restore_seconds = 0, 0.0
+        if resume_step and resume_step % program.chunk_steps == 0 and resume_step <= program.n_steps:
+            restore_started = time.perf_counter()
+            state, saved_losses = checkpoints.restore(resume_step, state, program.n_steps)
+            losses[:resume_step] = saved_losses[:resume_step]
+            first_step, restore_seconds = resume_step, time.perf_counter() - restore_started
+            checkpoints.log(f"resumed from the checkpoint at step {resume_step}/{program.n_steps} (seed {seed})")
+        elif resume_step:  # saved at a step this program's chunks do not stop at (another --steps_per_call)
+            checkpoints.delete()
         jax.block_until_ready(state)
 
+        saved_before = checkpoints.save_seconds if checkpoints is not None else 0.0
         loop_started = time.perf_counter()
-        losses, pending = [], None
-        n_chunks = program.n_steps // program.chunk_steps
-        with tqdm(total=program.n_steps, unit="step", desc=f"train seed {seed}", disable=not progress,
-                  leave=False) as bar:
-            for chunk_index in range(n_chunks):
-                window = slice(chunk_index * program.chunk_steps, (chunk_index + 1) * program.chunk_steps)
-                state, chunk_metrics = program.chunk(
-                    state, self.images, self.labels, {k: v[window] for k, v in batches.items()}, seed32)
-                # Check the previous chunk while this one runs, so the device never waits on the host.
-                if pending is not None:
-                    losses.append(self._finish_chunk(pending, seed, bar))
-                pending = (window.start, chunk_metrics["loss"])
-            losses.append(self._finish_chunk(pending, seed, bar))
+        try:
+            state = self._train_loop(program, state, batches, seed, losses, first_step, progress,
+                                     checkpoints, fingerprint, after_chunk)
+        except TrainingDiverged:
+            if checkpoints is not None:
+                checkpoints.delete()  # the next attempt gets a fresh seed and must not resume this one
+            raise
+        except BaseException:
+            if checkpoints is not None:
+                checkpoints.close()
+            raise
         jax.block_until_ready(state)
         loop_seconds = time.perf_counter() - loop_started
+        checkpoint_seconds = restore_seconds
+        if checkpoints is not None:
+            loop_seconds -= checkpoints.save_seconds - saved_before
+            checkpoints.save(program.n_steps, state, losses, seed=seed, fingerprint=fingerprint)
+            checkpoints.close()
+            checkpoint_seconds += checkpoints.save_seconds - saved_before
         total_seconds = time.perf_counter() - started
 
-        n_images = program.n_steps * program.batch_size
+        n_images = (program.n_steps - first_step) * program.batch_size
         timings = {
             "compile_seconds": compile_seconds,
             "step_seconds": loop_seconds,
-            "overhead_seconds": total_seconds - compile_seconds - loop_seconds,
+            "checkpoint_seconds": checkpoint_seconds,
+            "overhead_seconds": total_seconds - compile_seconds - loop_seconds - checkpoint_seconds,
             "total_seconds": total_seconds,
             "images_per_second": n_images / loop_seconds if loop_seconds > 0 else float("nan"),
             "steps": program.n_steps,
+            "resumed_from_step": first_step,
             "steps_per_epoch": program.n_steps // self.config.epochs,
             "batch_size": program.batch_size,
         }
@@ -421,16 +455,57 @@ class Trainer:
             params=state.params, model_state=state.model_state,
             ema_params=state.params if state.ema_params is None else state.ema_params,
             seed=int(seed), n_train=int(np.asarray(train_indices).size),
-            losses=np.concatenate(losses), timings=timings)
+            losses=losses, timings=timings)
+
+    def _resume_point(self, train_indices, seed: int, checkpoints):
+        """(batches, seed, step to resume from or 0, fingerprint or None) of a run about to train."""
+        record = checkpoints.latest_record() if checkpoints is not None else None
+        if record is not None:
+            batches = self.schedule(train_indices, record["seed"])
+            fingerprint = run_fingerprint(self.config.to_dict(), batches)
+            if fingerprint == record["fingerprint"]:
+                return batches, record["seed"], int(record["step"]), fingerprint
+            checkpoints.log(f"{checkpoints.directory}: the checkpoint is of another run or config; starting over")
+            checkpoints.delete()
+        batches = self.schedule(train_indices, seed)
+        fingerprint = run_fingerprint(self.config.to_dict(), batches) if checkpoints is not None else None
+        return batches, seed, 0, fingerprint
+
+    def _train_loop(self, program: TrainProgram, state, batches, seed, losses, first_step, progress,
+                    checkpoints, fingerprint, after_chunk):
+        """Runs the chunks from `first_step` on, filling `losses`; returns the final state."""
+        seed32 = np.uint32(_seed32(seed))
+        pending = None
+        n_chunks = program.n_steps // program.chunk_steps
+        with tqdm(total=program.n_steps, initial=first_step, unit="step", desc=f"train seed {seed}",
+                  disable=not progress, leave=False) as bar:
+            for chunk_index in range(first_step // program.chunk_steps, n_chunks):
+                window = slice(chunk_index * program.chunk_steps, (chunk_index + 1) * program.chunk_steps)
+                state, chunk_metrics = program.chunk(
+                    state, self.images, self.labels, {k: v[window] for k, v in batches.items()}, seed32)
+                # Check the previous chunk while this one runs, so the device never waits on the host.
+                if pending is not None:
+                    self._finish_chunk(pending, seed, bar, losses)
+                pending = (window.start, chunk_metrics["loss"])
+                if (checkpoints is not None and window.stop % program.epoch_steps == 0
+                        and window.stop < program.n_steps and checkpoints.due()):
+                    self._finish_chunk(pending, seed, bar, losses)  # never save a diverged state
+                    pending = None
+                    checkpoints.save(window.stop, state, losses, seed=seed, fingerprint=fingerprint)
+                if after_chunk is not None:
+                    after_chunk(window.stop)
+            if pending is not None:
+                self._finish_chunk(pending, seed, bar, losses)
+        return state
 
     @staticmethod
-    def _finish_chunk(pending, seed: int, bar) -> np.ndarray:
+    def _finish_chunk(pending, seed: int, bar, losses) -> None:
         first_step, chunk_losses = pending
         chunk_losses = np.asarray(chunk_losses)
         _check_finite(chunk_losses, first_step, seed)
+        losses[first_step:first_step + chunk_losses.size] = chunk_losses
         bar.update(chunk_losses.size)
         bar.set_postfix(loss=f"{chunk_losses.mean():.4f}")
-        return chunk_losses
 
     # -- inference --
 
