@@ -3,6 +3,11 @@
 Every write goes to a temporary file in the destination directory and is renamed into place, so a
 reader (or a crashed writer) never sees a half-written file. Arrays are `.npy` (never pickled),
 state is JSON, tables are CSV.
+
+Files and directories take their mode from the process umask like any other program's (0644 and
+0755 under umask 0022, 0600 and 0700 under 0077): `mkstemp` creates its file 0600 whatever the umask,
+so the temporary file is given `0o666 & ~umask` before it is renamed into place. What a logdir holds
+is derived from patient data: keep it private with the umask (docs/RUNDIR.md).
 """
 
 import contextlib
@@ -11,17 +16,53 @@ import io
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 
 
+_umask_lock = threading.Lock()
+_umask = None
+
+
+def process_umask() -> int:
+    """The process umask, read once (os.umask can only be read by setting it, so under a lock)."""
+    global _umask
+    with _umask_lock:
+        if _umask is None:
+            _umask = os.umask(0o077)
+            os.umask(_umask)
+        return _umask
+
+
+def file_mode() -> int:
+    """Mode of a newly written file: what open() would give it (0o666 less the umask)."""
+    return 0o666 & ~process_umask()
+
+
+def dir_mode() -> int:
+    """Mode of a newly made directory: what mkdir would give it (0o777 less the umask)."""
+    return 0o777 & ~process_umask()
+
+
+def make_dirs(path) -> Path:
+    """`mkdir -p` with the umask's mode (also for directories made by mkdtemp elsewhere)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=dir_mode())
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=""):
-    """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds."""
+    """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds.
+
+    The file renamed into place has the umask's mode (see the module docstring).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.fchmod(fd, file_mode())
     os.close(fd)
     try:
         yield Path(tmp)

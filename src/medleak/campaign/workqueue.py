@@ -6,17 +6,21 @@ lock `logdir/queue/lock` (an fcntl/flock lock through the `filelock` library; th
 when a holder dies, so a killed worker never leaves the queue locked). The state is rewritten
 atomically (temp file + rename) before the lock is released — never after.
 
-Life of a run: `pending` → `claimed` (owner token + lease deadline; the worker renews the lease from
-a heartbeat thread while it trains) → `done` once its run directory has been renamed into place.
-A claim whose lease expired (worker killed, machine lost) is taken again. A failed attempt
+Life of a run: `pending` → `claimed` (owner token, owner process — host, boot id, pid and process
+start time — and lease deadline; the worker renews the lease from a heartbeat thread while it
+trains) → `done` once its run directory has been renamed into place. A claim is taken again when
+its lease expired (worker killed, machine lost), or at once when its owner was a process of this
+host that no longer exists (the start time tells a reused pid from the owner). A failed attempt
 (exception, diverged loss) is recorded with its error; the run goes back to `pending` until it has
-been tried `max_attempts` times, then it is `failed`. Every claim counts as an attempt, so a run that
-keeps killing its worker (out of memory) also ends up `failed` instead of looping forever. A run
+been tried `max_attempts` times, then it is `failed`. Every claim counts as an attempt, except a
+lost claim whose run made progress (a checkpoint in `rundir.checkpoint_dir` newer than the claim):
+a preempted run resumes without using up its attempts, while a run that keeps killing its worker
+before its first checkpoint (out of memory) ends up `failed` instead of looping forever. A run
 whose directory exists is `done` whatever the queue says: finished runs are never redone.
 
-A worker exits (status 0) as soon as nothing is claimable. Runs still being trained by other live
-workers are theirs; if such a worker dies later, the next worker started on the logdir (re-running
-the same command) takes its run once the lease has expired.
+A worker with nothing left to claim stays while other workers hold claims, polling the queue
+(every `poll_seconds`, a fraction of the lease), and takes over any claim that is lost; it exits
+(status 0) when every run is done or failed. So the last worker standing finishes the campaign.
 """
 
 import contextlib
@@ -42,6 +46,11 @@ LOCK_FILE = "lock"
 STATE_FORMAT = 1
 PENDING, CLAIMED, DONE, FAILED = "pending", "claimed", "done", "failed"
 MAX_ERRORS_KEPT = 10  # per run, so a flapping run cannot grow queue.json without bound
+POLL_FRACTION = 0.1  # a waiting worker looks at the queue every tenth of a lease
+MAX_POLL_SECONDS = 30.0
+# Claims of this host's processes are checked at least this often: a dead owner is seen through
+# /proc, not the lease, so the wait for it is the poll interval.
+LOCAL_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,11 +74,68 @@ class Progress:
         return f"run {self.done}/{self.total} done · {self.in_progress} in progress · {self.failed} failed"
 
 
+def process_start_time(pid: int) -> int | None:
+    """Start time of process `pid` (clock ticks since boot, /proc/<pid>/stat field 22), or None
+    when there is no such process or no /proc (then only the pid's existence is known)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # Field 2 (the command name) is in parentheses and may hold spaces: count after the last ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19])
+
+
+def boot_id() -> str | None:
+    """This machine's boot id: two claims with the same hostname and boot id are one host's."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def this_process() -> dict:
+    """The identity of this worker process, recorded in every claim it makes."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot_id": boot_id(), "pid": pid, "start": process_start_time(pid)}
+
+
+def process_is_gone(owner: dict | None) -> bool:
+    """True when `owner` (a claim's process) was a process of this host that no longer exists.
+
+    False when it lives, or when it cannot be told from here (another host, another boot).
+    """
+    if not owner or owner.get("host") != socket.gethostname() or owner.get("boot_id") != boot_id():
+        return False
+    pid = int(owner["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # exists, owned by another user
+    start = process_start_time(pid)
+    return owner.get("start") is not None and start is not None and start != owner["start"]
+
+
+def newest_checkpoint_time(logdir, run_index: int) -> float | None:
+    """Newest modification time of any file in the run's checkpoint directory, or None."""
+    newest = None
+    for root, _, files in os.walk(rundir.checkpoint_dir(logdir, run_index)):
+        for name in files:
+            with contextlib.suppress(OSError):
+                mtime = os.stat(os.path.join(root, name)).st_mtime
+                newest = mtime if newest is None else max(newest, mtime)
+    return newest
+
+
 class WorkQueue:
     """The queue of one logdir. Cheap to construct; every method takes the lock itself."""
 
     def __init__(self, logdir, *, lease_seconds: float = 300.0, max_attempts: int = 3,
-                 lock_timeout: float = 600.0):
+                 lock_timeout: float = 600.0, poll_seconds: float | None = None):
         if lease_seconds <= 0:
             raise MedleakError(f"--lease_seconds must be positive, got {lease_seconds}")
         if max_attempts < 1:
@@ -81,7 +147,12 @@ class WorkQueue:
         self.lease_seconds = float(lease_seconds)
         self.max_attempts = int(max_attempts)
         self.lock_timeout = float(lock_timeout)
+        # How often a worker with nothing to claim looks for lost claims to take over.
+        self.poll_seconds = float(poll_seconds if poll_seconds is not None
+                                  else min(MAX_POLL_SECONDS, max(0.05, POLL_FRACTION * self.lease_seconds)))
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.process = this_process()
+        self.held = []  # (run index, lease deadline, owner process) of others' claims at the last claim()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -148,14 +219,31 @@ class WorkQueue:
         # or renamed just before a crash that lost the state update).
         for index, run in enumerate(state["runs"]):
             if run["status"] != DONE and rundir.is_complete(self.logdir, index):
-                run.update(status=DONE, owner=None, lease_until=None)
+                run.update(status=DONE, owner=None, owner_process=None, lease_until=None)
 
     def _expire_leases(self, state: dict, now: float) -> None:
-        for run in state["runs"]:
-            if run["status"] == CLAIMED and run["lease_until"] < now:
-                _record_error(run, run["owner"], "lease expired: the worker stopped renewing (killed or lost)", now)
-                run.update(status=FAILED if run["attempts"] >= self.max_attempts else PENDING,
-                           owner=None, lease_until=None)
+        """Frees lost claims: lease expired, or owner process of this host gone (no lease wait).
+
+        The lost claim's attempt is given back when its run made progress (a checkpoint newer than
+        the claim), so preemption never fails a run; without progress it counts.
+        """
+        for index, run in enumerate(state["runs"]):
+            if run["status"] != CLAIMED:
+                continue
+            if process_is_gone(run.get("owner_process")):
+                reason = "its worker process is gone (killed or crashed)"
+            elif run["lease_until"] < now:
+                reason = "lease expired: the worker stopped renewing (killed or lost)"
+            else:
+                continue
+            checkpoint = newest_checkpoint_time(self.logdir, index)
+            progressed = checkpoint is not None and checkpoint > run.get("claimed_at", now)
+            if progressed:
+                run["attempts"] = max(0, run["attempts"] - 1)
+                reason += "; it saved a checkpoint, so the attempt is not counted"
+            _record_error(run, run["owner"], reason, now)
+            run.update(status=FAILED if run["attempts"] >= self.max_attempts else PENDING,
+                       owner=None, owner_process=None, lease_until=None)
 
     # -- the worker's operations -------------------------------------------------------------
 
@@ -174,10 +262,12 @@ class WorkQueue:
                     break
             if chosen is not None:
                 run = state["runs"][chosen]
-                run.update(status=CLAIMED, owner=self.token, lease_until=now + self.lease_seconds,
-                           attempts=run["attempts"] + 1, claimed_at=now)
+                run.update(status=CLAIMED, owner=self.token, owner_process=self.process,
+                           lease_until=now + self.lease_seconds, attempts=run["attempts"] + 1, claimed_at=now)
             self._write(state)
             self.last_progress = progress(state, now)
+            self.held = [(i, r["lease_until"], r.get("owner_process")) for i, r in enumerate(state["runs"])
+                         if r["status"] == CLAIMED and r["owner"] != self.token]
             if chosen is None:
                 return None
             return Claim(chosen, self.token, state["runs"][chosen]["attempts"])
@@ -202,11 +292,13 @@ class WorkQueue:
             now = time.time()
             if committed:
                 run.update(finished_at=now, finished_by=claim.token)
-            run.update(status=DONE, owner=None, lease_until=None)
+            run.update(status=DONE, owner=None, owner_process=None, lease_until=None)
             self._sync_with_run_dirs(state)
             self._write(state)
             self.last_progress = progress(state, now)
-            return committed
+        # The run is published: its checkpoints have served their purpose.
+        shutil.rmtree(rundir.checkpoint_dir(self.logdir, claim.run_index), ignore_errors=True)
+        return committed
 
     def fail(self, claim: Claim, error: str) -> None:
         """Records a failed attempt; the run is retried until it has had `max_attempts` claims."""
@@ -219,7 +311,7 @@ class WorkQueue:
             # re-took the run, its claim stands.
             if run["status"] == CLAIMED and run["owner"] == claim.token:
                 run.update(status=FAILED if run["attempts"] >= self.max_attempts else PENDING,
-                           owner=None, lease_until=None)
+                           owner=None, owner_process=None, lease_until=None)
             self._write(state)
             self.last_progress = progress(state, now)
 
@@ -229,7 +321,7 @@ class WorkQueue:
             state = self._read()
             run = state["runs"][claim.run_index]
             if run["status"] == CLAIMED and run["owner"] == claim.token:
-                run.update(status=PENDING, owner=None, lease_until=None, attempts=max(0, run["attempts"] - 1))
+                run.update(status=PENDING, owner=None, owner_process=None, lease_until=None, attempts=max(0, run["attempts"] - 1))
                 self._write(state)
 
     def snapshot(self) -> dict:
@@ -338,15 +430,17 @@ def failing_streak_limit(max_attempts: int) -> int:
 
 
 def work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
-    """Claims and runs runs until none is claimable (see `_work_loop`); SIGTERM gives the claim back."""
+    """Claims and runs runs until every run is done or failed (see `_work_loop`); SIGTERM gives the
+    claim back."""
     with sigterm_as_exit():
         return _work_loop(queue, do_run, log=log)
 
 
 def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
-    """Claims and runs runs until none is claimable.
+    """Claims and runs runs until every run is done or failed.
 
-    `do_run(claim) -> tmp_dir` trains run `claim.run_index` (attempt `claim.attempt`) and writes it
+    While other workers hold claims and nothing is claimable, the worker waits, polling the queue
+    every `queue.poll_seconds`, and takes over any claim that is lost. `do_run(claim) -> tmp_dir` trains run `claim.run_index` (attempt `claim.attempt`) and writes it
     with `rundir.write_run_tmp`; the loop renames it into place. Exceptions are recorded as failed
     attempts and the loop goes on — unless `failing_streak_limit(max_attempts)` different runs fail
     in a row, which points at the environment (disk full, broken device) rather than the runs: the
@@ -356,12 +450,21 @@ def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
     """
     completed, failed_attempts = [], []
     failing_streak = set()  # runs that failed since this worker's last success
-    for stale in rundir.remove_stale_tmp_dirs(queue.logdir):
-        log(f"removed {stale} left by a dead worker")
+    waiting_for = None  # the claims of other workers this worker last said it waits for
     while True:
+        for stale in rundir.remove_stale_tmp_dirs(queue.logdir):
+            log(f"removed {stale} left by a dead worker")
         claim = queue.claim()
         if claim is None:
-            break
+            if not queue.held:
+                break
+            held = tuple(index for index, _, _ in queue.held)
+            if held != waiting_for:
+                log(waiting_line(queue.held, queue.lease_seconds))
+                waiting_for = held
+            time.sleep(wait_seconds(queue))
+            continue
+        waiting_for = None
         name = rundir.run_dir_name(claim.run_index)
         log(f"{name}: started (attempt {claim.attempt}/{queue.max_attempts}) by {claim.token}")
         started = time.time()
@@ -400,10 +503,29 @@ def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
     state = queue.snapshot()
     summary = WorkSummary(completed, failed_attempts, progress(state, time.time()), failed_runs(state))
     log(f"nothing left to claim · {summary.progress.line()}")
-    if summary.progress.in_progress:
-        log(f"{summary.progress.in_progress} run(s) are still being trained by other workers; "
-            "if one of them dies, re-run this command after its lease expires")
     for index, error in sorted(summary.failed_runs.items()):
         log(f"{rundir.run_dir_name(index)}: failed, attempts used up; last error: {error} "
             "(re-run with a higher --max_attempts to retry it)")
     return summary
+
+
+def wait_seconds(queue: WorkQueue) -> float:
+    """How long a worker with nothing to claim sleeps before it looks at the queue again."""
+    this_host = socket.gethostname()
+    if any((owner or {}).get("host") == this_host for _, _, owner in queue.held):
+        return min(queue.poll_seconds, LOCAL_POLL_SECONDS)
+    return queue.poll_seconds
+
+
+def waiting_line(held, lease_seconds: float) -> str:
+    """The one line a worker with nothing to claim prints: which runs it waits for, until when.
+
+    `held`: (run index, lease deadline, owner process) of the claims other workers hold.
+    """
+    names = ", ".join(rundir.run_dir_name(index) for index, _, _ in held[:5])
+    more = f" and {len(held) - 5} more" if len(held) > 5 else ""
+    deadline = min(lease_until for _, lease_until, _ in held)
+    return (f"nothing to claim; waiting for {names}{more} (trained by other workers) to finish. If one of "
+            f"them dies, its run is taken over at once on this host, elsewhere when its lease expires "
+            f"(the next at {time.strftime('%H:%M:%S', time.localtime(deadline))}, in "
+            f"{max(0.0, deadline - time.time()):.0f} s; leases last {lease_seconds:.0f} s)")
