@@ -1,40 +1,49 @@
-"""Benchmark: record AUC + LiRA online + LiRA offline + RMIA online at paper scale on CPU.
+"""Benchmark: the audit's calibrated statistics at paper scale on CPU, the audit's path against the array API's.
 
-200 models × 100,000 records × 16 views (1.28 GB of float32 scores, generated here), 10 held-out
-targets, the other 190 models as shadows; the stages are the ones mem_inf_stats.py runs. Prints each stage's seconds, the total and the peak RSS.
-Target: total ≤ 4 s and peak ≤ 2.5 GB on a 2-core CPU.
+200 models × 100,000 records × 16 views (1.28 GB of float32 LiRA scores, generated here; patients
+with 1–4 images, each patient IN for exactly half the models), 10 held-out targets (the audit's
+default for 200 runs), 200 noise-floor permutations (the audit's default).
 
-Then the unbiased per-target path (`attacks.attack_targets`: each target with its own
-leave-one-out shadows): `per_target_*` stages — one sort of all models (`fit_shadows`), then the
-four LiRA variants and RMIA online + offline for every target — and their total.
+    audit path   the audit's own steps on a stand-in campaign: `audit.record_risk_tables` (record
+                 summaries, record and patient rank risk, the Gaussian record AUC, the tables),
+                 `attack_suite` (LiRA ×4, RMIA ×2 with leave-one-out shadows, loss threshold, ROC
+                 summaries), `noise_floors` (patients, records, strongest attack)
+    public path  `fit_campaign` → .record_risk(), .patient_risk(), .record_auc_gaussian(),
+                 .attack(targets) (every variant), .noise_floor(attacks, targets)
 
-    python bench/attack_scale.py [--models 200 --records 100000 --views 16 --targets 10]
+Prints one figure per line: seconds (wall and CPU) per stage, each path's total and peak RSS
+(VmHWM, reset before each path), the ratio public / audit (target ≤ 1.2), and whether both paths
+gave the same numbers. A small warm-up of both paths (imports, cached rank nulls) is not timed.
+
+    python bench/attack_scale.py [--models 200 --records 100000 --views 16 --permutations 200]
 """
 
 import argparse
-import resource
 import time
+import types
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from medleak.privacy_utils import lira, rmia
-from medleak.privacy_utils.attacks import LIRA_OPTIONS, RMIA_VARIANTS, attack_targets
-from medleak.privacy_utils.lira import campaign_stats
-from medleak.privacy_utils.risk import record_auc_from_moments
-from medleak.privacy_utils.scores import rmia_from_lira
-from medleak.privacy_utils.shadows import fit_shadows
+from medleak.privacy_utils import fit_campaign
+from medleak.privacy_utils.audit import AuditOptions, attack_suite, n_targets, noise_floors, record_risk_tables
+
+LABELS = ["negative", "positive"]
 
 
-def synthetic_scores(n_models, n_records, n_views, seed=0):
-    """(models, records, views) float32 LiRA-like scores + balanced (models, records) IN masks.
+def synthetic_campaign(n_models, n_records, n_views, seed=0):
+    """(scores (models, records, views) float32 LiRA-like, masks (models, records) bool, patient ids).
 
-    Every record is IN for exactly half the models (as a campaign plan does); IN scores are shifted
-    up by a per-record effect, so some records are very exposed and most are not.
+    Patients have 1–4 images and are IN for exactly half the models (as a campaign plan does); IN
+    scores are shifted up by a per-record effect, so some records are very exposed and most are not.
     """
     rng = np.random.default_rng(seed)
-    order = np.argsort(rng.random((n_records, n_models)), axis=1)
-    masks = (order < n_models // 2).T.copy()
-    del order
+    n_images = rng.integers(1, 5, size=n_records)  # more patients than needed; cut at n_records
+    codes = np.repeat(np.arange(n_records), n_images)[:n_records]
+    n_patients = int(codes[-1]) + 1
+    patient_mask = (np.argsort(rng.random((n_patients, n_models)), axis=1) < n_models // 2).T
+    masks = np.ascontiguousarray(patient_mask[:, codes])
     base = rng.normal(2.0, 2.0, size=(n_records, 1)).astype(np.float32)
     effect = rng.exponential(0.3, size=(n_records, 1)).astype(np.float32)
     scores = np.empty((n_models, n_records, n_views), dtype=np.float32)
@@ -42,11 +51,80 @@ def synthetic_scores(n_models, n_records, n_views, seed=0):
         rng.standard_normal(out=scores[m], dtype=np.float32)
         scores[m] += base
         scores[m] += effect * masks[m][:, None]
-    return scores, masks
+    return scores, masks, np.array([f"p{c:06d}" for c in codes])
+
+
+def stand_in_campaign(scores, masks, patient_ids):
+    """What the audit's steps read from a `scoring.Campaign`, without a logdir."""
+    n_models, n_records = masks.shape
+    label = (np.arange(n_records) % 2).astype(np.float32)
+    records = pd.DataFrame({"record_id": [f"r{i}" for i in range(n_records)], "patient_id": patient_ids,
+                            LABELS[0]: 1.0 - label, LABELS[1]: label})
+    return types.SimpleNamespace(records=records, scores=scores, masks=masks, n_runs=n_models,
+                                 run_ids=np.arange(n_models), label_names=LABELS, task="multiclass", subgroups=[])
 
 
 def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2  # kB
+    return float("nan")
+
+
+def reset_peak_rss():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
+    except OSError:
+        pass
+
+
+class Stages:
+    """Wall and CPU seconds per named stage."""
+
+    def __init__(self):
+        self.wall, self.cpu = {}, {}
+
+    def run(self, name, fn):
+        wall, busy = time.perf_counter(), time.process_time()
+        result = fn()
+        self.wall[name], self.cpu[name] = time.perf_counter() - wall, time.process_time() - busy
+        return result
+
+
+def audit_path(campaign, options, targets, stages):
+    risk = stages.run("audit_record_risk_tables", lambda: record_risk_tables(campaign, options))
+    attacks = stages.run("audit_attack_suite", lambda: attack_suite(campaign, options, targets))
+    floors = stages.run("audit_noise_floors", lambda: noise_floors(risk, attacks, options))
+    return risk, attacks, floors
+
+
+def public_path(scores, masks, patient_ids, options, targets, stages):
+    def risk():
+        fitted = fit_campaign(scores, masks, patient_ids, rmia_trim=options.rmia_trim)
+        return fitted, fitted.record_risk(), fitted.patient_risk(), fitted.record_auc_gaussian()
+
+    fitted, records, patients, gaussian = stages.run("public_record_and_patient_risk", risk)
+    attacks = stages.run("public_attack", lambda: fitted.attack(
+        targets, drop_seed=options.seed, gamma=options.rmia_gamma, n_population=options.rmia_population,
+        population_seed=options.seed))
+    floors = stages.run("public_noise_floor", lambda: fitted.noise_floor(
+        attacks, targets, alpha=options.fdr, auc_threshold=options.risk_auc, n_permutations=options.permutations,
+        seed=options.seed))
+    return records, patients, gaussian, attacks, floors
+
+
+def same_numbers(audit, public):
+    """1 when both paths gave the same risk, attack scores and noise floors (the floors' attack names differ)."""
+    risk, attacks, floors = audit
+    records, patients, gaussian, public_attacks, public_floors = public
+    same = [np.array_equal(records["p_value"].to_numpy(), risk.record_table["p_value"].to_numpy()),
+            np.allclose(gaussian[0], risk.record_table["auc_gaussian"].to_numpy(), rtol=1e-12, atol=1e-12),
+            np.array_equal(np.sort(patients["auc"].to_numpy()), np.sort(risk.patient_auc)),
+            np.array_equal(public_attacks["lira_online"], attacks.scores["LiRA online"]),
+            np.array_equal(public_attacks["rmia_offline"], attacks.scores["RMIA offline"]),
+            public_floors["records"]["at_risk"] == floors["records"]["at_risk"],
+            public_floors["strongest_attack"]["max_auc"] == floors["strongest_attack"]["max_auc"]]
+    return int(all(same))
 
 
 def main():
@@ -54,72 +132,53 @@ def main():
     parser.add_argument("--models", type=int, default=200)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--views", type=int, default=16)
-    parser.add_argument("--targets", type=int, default=10)
+    parser.add_argument("--permutations", type=int, default=200)
     args = parser.parse_args()
+    options = AuditOptions(permutations=args.permutations, progress=False)
+    targets = np.arange(args.models - n_targets(args.models, options.eval_size), args.models)
 
     t0 = time.perf_counter()
-    scores, masks = synthetic_scores(args.models, args.records, args.views)
+    scores, masks, patient_ids = synthetic_campaign(args.models, args.records, args.views)
+    campaign = stand_in_campaign(scores, masks, patient_ids)
     print(f"generate_scores: {time.perf_counter() - t0:.2f} s")
-    targets, shadows = slice(0, args.targets), slice(args.targets, None)
-    target_rows = np.arange(args.targets)
+    print(f"n_patients: {len(np.unique(patient_ids))}")
+    print(f"n_targets: {len(targets)}")
+    print(f"rss_after_generate: {peak_rss_gb():.2f} GB")
 
-    timings, cpu, per_target = {}, {}, {}
+    warm = slice(0, min(2000, args.records))  # untimed: imports, cached exact rank nulls
+    warm_options = AuditOptions(permutations=20, progress=False)
+    audit_path(stand_in_campaign(scores[:, warm], masks[:, warm], patient_ids[warm]), warm_options, targets, Stages())
+    public_path(scores[:, warm], masks[:, warm], patient_ids[warm], warm_options, targets, Stages())
 
-    def timed(name, fn, into=timings):
-        wall, busy = time.perf_counter(), time.process_time()
-        result = fn()
-        into[name], cpu[name] = time.perf_counter() - wall, time.process_time() - busy
-        return result
+    stages = Stages()
+    reset_peak_rss()
+    audit = audit_path(campaign, options, targets, stages)
+    audit_peak = peak_rss_gb()
+    del campaign
+    reset_peak_rss()
+    public = public_path(scores, masks, patient_ids, options, targets, stages)
+    public_peak = peak_rss_gb()
 
-    # As mem_inf_stats does it: one pass over the scores gives the record-risk moments (all models)
-    # and the shadows' LiRA statistics, which LiRA online and offline share across all targets.
-    moments, stats = timed("record_auc_and_shadow_stats", lambda: campaign_stats(scores, masks, shadows))
-    auc, se = timed("record_auc_from_moments", lambda: record_auc_from_moments(moments))
-    del moments
-    online = timed("lira_online", lambda: lira(scores[shadows], masks[shadows], scores[targets], stats=stats))
-    offline = timed("lira_offline", lambda: lira(scores[shadows], masks[shadows], scores[targets], offline=True, stats=stats))
-    del stats
-    # The unbiased path on the same LiRA scores: one sort of all models, then each target.
-    fit = timed("per_target_fit_lira", lambda: fit_shadows(scores, masks), per_target)
-    unbiased = timed("per_target_lira_4_variants", lambda: attack_targets(scores, masks, target_rows, variant=tuple(LIRA_OPTIONS), lira_fit=fit),
-                     per_target)
-    del fit
-
-    # RMIA works on probabilities: turn the same array into p in place (not timed: in an audit the
-    # probabilities come straight from the logits).
-    for m in range(args.models):
-        scores[m] = rmia_from_lira(scores[m])
-    rmia_online = timed("rmia_online", lambda: rmia(scores[shadows], masks[shadows], scores[targets]))
-    fit = timed("per_target_fit_rmia", lambda: fit_shadows(scores, masks, medians=False), per_target)
-    unbiased.update(timed("per_target_rmia_online_offline", lambda: attack_targets(scores, masks, target_rows, variant=RMIA_VARIANTS,
-                                                                                     rmia_fit=fit), per_target))
-    del fit
-
-    for name, seconds in timings.items():
+    for name, seconds in stages.wall.items():
         print(f"{name}: {seconds:.2f} s")
-        print(f"{name}_cpu: {cpu[name]:.2f} s")
-    print(f"total_attacks: {sum(timings.values()):.2f} s")
-    # CPU seconds of all threads: on a busy shared machine, wall time / this shows the contention.
-    print(f"total_attacks_cpu: {sum(cpu.values()):.2f} s")
-    print(f"peak_rss_attacks: {peak_rss_gb():.2f} GB")
-    for name, seconds in per_target.items():
-        print(f"{name}: {seconds:.2f} s")
-        print(f"{name}_cpu: {cpu[name]:.2f} s")
-    print(f"total_per_target: {sum(per_target.values()):.2f} s")
-    print(f"peak_rss_per_target: {peak_rss_gb():.2f} GB")
-    # Not part of the total: RMIA with trimmed means (the audit's --rmia_trim=0.1) needs a sort.
-    t0 = time.perf_counter()
-    rmia(scores[shadows], masks[shadows], scores[targets], trim=0.1)
-    print(f"rmia_online_trimmed_extra: {time.perf_counter() - t0:.2f} s")
-    print(f"peak_rss: {peak_rss_gb():.2f} GB")
-    # Sanity: the planted IN shift must be detectable.
-    members = masks[targets]
-    print(f"mean_record_auc: {auc.mean():.3f}")
-    named = [("lira_online", online), ("lira_offline", offline), ("rmia_online", rmia_online)]
-    named += [(f"per_target_{name}", unbiased[name]) for name in ("lira_online", "lira_offline", "rmia_online", "rmia_offline")]
-    for name, s in named:
-        gap = np.mean([s[t][members[t]].mean() - s[t][~members[t]].mean() for t in range(len(s))])
-        print(f"{name}_member_gap: {gap:.3f} score")
+        print(f"{name}_cpu: {stages.cpu[name]:.2f} s")
+    totals = {}
+    for path in ("audit", "public"):
+        totals[path] = sum(s for name, s in stages.wall.items() if name.startswith(path))
+        print(f"{path}_total: {totals[path]:.2f} s")
+        # CPU seconds of all threads: on a busy shared machine, wall time / this shows the contention.
+        print(f"{path}_total_cpu: {sum(s for name, s in stages.cpu.items() if name.startswith(path)):.2f} s")
+    print(f"audit_peak_rss: {audit_peak:.2f} GB")
+    print(f"public_peak_rss: {public_peak:.2f} GB")
+    print(f"public_vs_audit_ratio: {totals['public'] / totals['audit']:.3f}")
+    print(f"public_equals_audit: {same_numbers(audit, public)}")
+    risk, attacks, floors = audit
+    print(f"mean_record_auc: {risk.record_auc.mean():.4f}")
+    print(f"records_at_risk_share: {risk.record_table['at_risk'].mean():.4f}")
+    print(f"patients_at_risk_share: {risk.patient_table['at_risk'].mean():.4f}")
+    print(f"patients_at_risk_chance: {floors['patients']['at_risk']['chance_mean']:.4f}")
+    print(f"lira_online_auc: {attacks.results['LiRA online'][0]['auc']['mean']:.4f}")
+    print(f"strongest_attack_chance_auc: {floors['strongest_attack']['max_auc']['chance_mean']:.4f}")
 
 
 if __name__ == "__main__":
