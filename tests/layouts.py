@@ -20,6 +20,11 @@ Every writer has the same shape and returns the `data_root` to pass to the loade
     write_fairvision(root, n_patients=8, seed=0, size=(24, 24)) -> Path
         {Glaucoma,DR,AMD}/ReadMe/data_summary_<cohort>.csv + <Cohort>/{Training,Validation,Test}/data_NNNNN.npz
         (n_patients scans per cohort; arrays slo_fundus (H, W) uint8 and a few attributes).
+    write_chestxray14(root, n_patients=8, seed=0, size=(24, 24)) -> Path
+        Data_Entry_2017.csv, train_val_list.txt, test_list.txt and PNGs named <patient>_<follow-up>.png,
+        patient p's in images_00<p % 3 + 1>/images/ (Kaggle) except every third patient's, in a flat
+        images/ folder (NIH box); the last max(1, n // 4) patients are in test_list.txt. Patients
+        have 1-3 images; labels are 'No Finding' or 1-3 '|'-separated findings.
 
 Images carry a learnable signal: Gaussian noise with one bright square per positive label at a
 label-specific grid position (see `signal_image`), so a tiny CNN can fit them.
@@ -39,6 +44,10 @@ CHEXPERT_FINDINGS = (
     "Pleural Other", "Fracture", "Support Devices",
 )
 RACES = ("White", "Black or African American", "Asian", "Other", "Unknown")
+CHESTXRAY14_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
 
 
 def signal_image(rng, size, positives, n_slots, channels=1) -> np.ndarray:
@@ -212,4 +221,31 @@ def write_fairvision(root, n_patients=8, seed=0, size=(24, 24)) -> Path:
                          "language": "english", "maritalstatus": "single", key: diagnosis, "use": use})
         (root / cohort / "ReadMe").mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(root / cohort / "ReadMe" / f"data_summary_{key}.csv", index=False)
+    return root
+
+
+def write_chestxray14(root, n_patients=8, seed=0, size=(24, 24)) -> Path:
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    n_test = max(1, n_patients // 4)
+    rows, lists = [], {"train": [], "test": []}
+    for p in range(1, n_patients + 1):
+        split = "test" if p > n_patients - n_test else "train"
+        folder = "images" if p % 3 == 0 else f"images_{p % 3 + 1:03d}/images"
+        for follow_up in range(int(rng.integers(1, 4))):
+            name = f"{p:08d}_{follow_up:03d}.png"
+            positives = [] if rng.random() < 0.3 else sorted(rng.choice(14, int(rng.integers(1, 4)), replace=False))
+            _save(root / folder / name, signal_image(rng, size, positives, 14))
+            rows.append({
+                "Image Index": name,
+                "Finding Labels": "|".join(CHESTXRAY14_FINDINGS[k] for k in positives) or "No Finding",
+                "Follow-up #": follow_up, "Patient ID": p, "Patient Age": int(rng.integers(1, 95)),
+                "Patient Gender": "MF"[p % 2], "View Position": ["PA", "AP"][follow_up % 2],
+                "OriginalImage[Width": 2500, "Height]": 2048,
+                "OriginalImagePixelSpacing[x": 0.143, "y]": 0.143,
+            })
+            lists[split].append(name)
+    pd.DataFrame(rows).to_csv(root / "Data_Entry_2017.csv", index=False)
+    (root / "train_val_list.txt").write_text("\n".join(lists["train"]) + "\n")
+    (root / "test_list.txt").write_text("\n".join(lists["test"]) + "\n")
     return root

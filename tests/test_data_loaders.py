@@ -11,7 +11,7 @@ from tests import layouts
 
 
 def test_registry_lists_every_loader_with_string_or_none_defaults():
-    assert set(datasets.DATASETS) == {"chexpert", "mimic", "fitzpatrick", "embed", "fairvision"}
+    assert set(datasets.DATASETS) == {"chexpert", "mimic", "fitzpatrick", "embed", "fairvision", "chestxray14"}
     for name in datasets.DATASETS:
         options = datasets.dataset_options(name)
         assert options, name

@@ -190,6 +190,9 @@ DATASET_DEFAULTS = {
                        ema_decay=0.99, warmup=0.1, img_size=(64, 64), augment="weak"),
     "fitzpatrick": dict(epochs=100, learning_rate=5e-3, weight_decay=1e-4, batch_size=256, grad_accum=1,
                         ema_decay=0.99, warmup=0.05, img_size=(64, 64), augment="weak"),
+    # Not in the paper (issue 15): CheXpert's row, the chest X-ray dataset closest in size and kind.
+    "chestxray14": dict(epochs=60, learning_rate=1.0, weight_decay=1e-4, batch_size=1024, grad_accum=2,
+                        ema_decay=0.9995, warmup=0.05, img_size=(64, 64), augment="weak"),
 }
 
 

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from medleak.data_utils import chexpert, embed, fairvision, fitzpatrick, mimic
+from medleak.data_utils import chestxray14, chexpert, embed, fairvision, fitzpatrick, mimic
 from medleak.errors import MedleakError
 
-DATASETS = {module.NAME: module for module in (chexpert, mimic, fitzpatrick, embed, fairvision)}
+DATASETS = {module.NAME: module for module in (chexpert, mimic, fitzpatrick, embed, fairvision, chestxray14)}
 
 
 def _module(name):
