@@ -73,13 +73,14 @@ def campaign_noise_floors(record_summary, patient_summary, patient_mask, record_
     return floors
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # arrays: no element-wise ==, no repr of 10⁸ numbers
 class FittedCampaign:
-    """Scores and masks of a campaign with its per-record fits, made once (`fit_campaign`)."""
+    """Scores and masks of a campaign with its per-record fits, made once (`fit_campaign`); the fits
+    stay in memory (a few hundred MB at 200 × 100,000 × 16) for later calls."""
 
-    scores: np.ndarray  # (n_models, n_records, n_views) LiRA scores, the caller's array (not copied)
-    masks: np.ndarray  # (n_models, n_records) bool
-    patient_ids: np.ndarray  # (n_records,)
+    scores: np.ndarray = dataclasses.field(repr=False)  # (n_models, n_records, n_views) LiRA scores, not copied
+    masks: np.ndarray = dataclasses.field(repr=False)  # (n_models, n_records) bool
+    patient_ids: np.ndarray = dataclasses.field(repr=False)  # (n_records,)
     rmia_trim: float = RMIA_TRIM
     rmia_transform: typing.Callable | None = rmia_from_lira
 
