@@ -1,5 +1,7 @@
 """The patient-level plan: exact IN counts, LiRA's construction, storage and refusal of mismatches."""
 
+import functools
+import io
 import subprocess
 import sys
 
@@ -203,3 +205,105 @@ def test_a_newer_plan_format_is_refused(tmp_path):
     write_json(tmp_path / rundir.PLAN_FILE, dict(document(train, test), format=plan.PLAN_FORMAT + 1))
     with pytest.raises(MedleakError, match="newer than this medleak"):
         plan.ensure_plan(tmp_path, document(train, test), train, test)
+
+
+# -- plan-time checks: a campaign that some run could not train fails before any run ----------------
+
+def uneven_tables(n_patients=30, images=lambda p: 1 + p % 4):
+    """Patients with 1 to 4 images each (by default), so runs differ in records and patients."""
+    rows = []
+    for p in range(n_patients + 2):
+        for i in range(images(p)):
+            rows.append(dict(record_id=f"r{p}_{i}", patient_id=f"p{p}", path=f"img/{p}_{i}.png",
+                             split="train" if p < n_patients else "test", a=float(i == 0), b=float(i != 0),
+                             sex="F" if p % 2 else "M"))
+    table = RecordsTable("toy", pd.DataFrame(rows), ("a", "b"), "multiclass", ("sex",))
+    return table.split("train"), table.split("test")
+
+
+def dp_document(train, test, **config):
+    config = plan.resolve_backend_choices(TrainConfig(model="small_cnn", img_size=(8, 8), epochs=1, epsilon=8.0,
+                                                      delta=1e-5, **config))
+    return plan.plan_document("toy", train, test, config, CampaignConfig(n_runs=8, subset_ratio=0.5, seed=0))
+
+
+def ensure_checked(tmp_path, doc, train, test):
+    return plan.ensure_plan(tmp_path, doc, train, test, check=functools.partial(plan.check_trainable, train))
+
+
+def slow_smallest_run(train, mask, unit):
+    """Fewest units of any run, counted record by record."""
+    patients = list(pd.read_csv(io.StringIO(train.df[["patient_id"]].to_csv(index=False)))["patient_id"].astype(str))
+    order = list(dict.fromkeys(patients))
+    counts = []
+    for row in mask:
+        if unit == "patient":
+            counts.append(sum(bool(row[order.index(p)]) for p in order))
+        else:
+            counts.append(sum(bool(row[order.index(p)]) for p in patients))
+    return min(counts)
+
+
+@pytest.mark.parametrize("dp_unit, grad_accum", [("record", 1), ("patient", 1), ("record", 2)])
+def test_a_dp_batch_size_too_large_for_some_run_fails_before_the_plan_is_written(tmp_path, dp_unit, grad_accum):
+    # patient-level: two images each, so a step of b records expects exactly b / 2 patients
+    train, test = uneven_tables(**({"images": lambda p: 2} if dp_unit == "patient" else {}))
+    mask = plan.make_patient_mask(8, 30, 0.5, 0)
+    smallest = slow_smallest_run(train, mask, dp_unit)
+    records_per_unit = 2 if dp_unit == "patient" else 1
+    # fits the whole split and a run's expected size, too large for the smallest run
+    too_large = (records_per_unit * smallest + 2) // grad_accum * grad_accum
+    doc = dp_document(train, test, dp_unit=dp_unit, batch_size=too_large, grad_accum=grad_accum)
+    with pytest.raises(MedleakError) as info:
+        ensure_checked(tmp_path, doc, train, test)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"--batch_size={too_large} asks for more {dp_unit}s")
+    assert f"({smallest}, the fewest of the 8 runs)" in message
+    assert not (tmp_path / rundir.PLAN_FILE).exists()  # nothing planned: the corrected command starts afresh
+    works = int(message.rsplit("--batch_size=", 1)[1].split()[0])
+    assert works == records_per_unit * smallest // grad_accum * grad_accum  # the largest that fits
+    ensure_checked(tmp_path, dp_document(train, test, dp_unit=dp_unit, batch_size=works, grad_accum=grad_accum),
+                   train, test)  # the value it names works, for every run
+    assert (tmp_path / rundir.PLAN_FILE).exists()
+
+
+def test_a_stored_plan_with_a_bad_dp_batch_size_is_refused_before_any_run(tmp_path):
+    train, test = uneven_tables()
+    doc = dp_document(train, test, batch_size=30)
+    plan.ensure_plan(tmp_path, doc, train, test)  # planned by a version that did not check
+    with pytest.raises(MedleakError, match=r"^--batch_size=30 asks for more records"):
+        ensure_checked(tmp_path, doc, train, test)
+
+
+def test_a_batch_larger_than_a_run_or_a_zero_learning_rate_fails_when_planned(tmp_path):
+    train, test = make_tables(n_patients=10)  # 20 records, a run expects 10
+    with pytest.raises(MedleakError) as info:
+        ensure_checked(tmp_path, document(train, test, model="small_cnn", batch_size=16, grad_accum=4), train, test)
+    assert str(info.value) == ("--batch_size=16 is more than a run's 10 training records, so an epoch holds no "
+                               "full batch; use --batch_size=8 or less")
+    with pytest.raises(MedleakError, match=r"^--learning_rate=1e-50 gives every one of the 3 steps a learning "
+                                           r"rate of 0 in float32; use --learning_rate=0.01$"):
+        ensure_checked(tmp_path, document(train, test, model="small_cnn", batch_size=4, epochs=1,
+                                          learning_rate=1e-50), train, test)
+    assert not (tmp_path / rundir.PLAN_FILE).exists()
+    ensure_checked(tmp_path, document(train, test, model="small_cnn", batch_size=8, grad_accum=4), train, test)
+    assert (tmp_path / rundir.PLAN_FILE).exists()
+
+
+def test_the_model_is_built_on_the_planned_image_size(monkeypatch):
+    config = TrainConfig(model="small_cnn", img_size=(6, 10))
+    plan.check_model_input(config, channels=3, n_classes=5)  # any size from 4 px up builds
+    import flax.linen as nn
+
+    from medleak.train_utils import models
+
+    class NeedsEight(nn.Module):  # a model that, like a deep stem, needs at least 8x8 pixels
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Conv(4, (8, 8), padding="VALID")(x)
+            return nn.Dense(5)(x.reshape(x.shape[0], -1)[:, :4])
+
+    monkeypatch.setattr(models, "create_model", lambda *a, **k: NeedsEight())
+    with pytest.raises(MedleakError) as info:
+        plan.check_model_input(config, channels=3, n_classes=5)
+    assert str(info.value) == "--img_size=6,10: --model=small_cnn cannot take images of this size; use --img_size=16,16"

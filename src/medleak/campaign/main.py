@@ -31,15 +31,18 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def prepare_campaign(queue: WorkQueue, document: dict, train_table, test_table, log=_log, requested=None):
+def prepare_campaign(queue: WorkQueue, document: dict, train_table, test_table, log=_log, requested=None,
+                     check_trainable=True):
     """Creates the logdir's plan (first worker) or checks it (later ones), all under the queue lock.
 
-    `requested`: the worker's TrainConfig as given (see `plan.ensure_plan`). Returns (stored plan
-    document, patient mask, created).
+    `requested`: the worker's TrainConfig as given (see `plan.ensure_plan`). With `check_trainable`,
+    every run is checked against the plan before it is written (`plan.check_trainable`), so bad
+    flags fail before any run trains. Returns (stored plan document, patient mask, created).
     """
+    check = functools.partial(plan.check_trainable, train_table) if check_trainable else None
     with queue.locked():
         stored, patient_mask, created = plan.ensure_plan(queue.logdir, document, train_table, test_table,
-                                                         requested)
+                                                         requested, check=check)
         queue.initialize(stored["campaign"]["n_runs"])
     if created:
         campaign = stored["campaign"]

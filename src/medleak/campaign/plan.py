@@ -102,6 +102,112 @@ def step_schedule(train_config: TrainConfig, n_train_records: int, subset_ratio:
             "steps": int(per_epoch * train_config.epochs)}
 
 
+# -- what can be checked before any run trains --------------------------------------------------
+
+def check_trainable(train_table, train_config: TrainConfig, schedule: dict, patient_mask: np.ndarray) -> None:
+    """Refuses (one line naming the flag and a value that works) a plan some run could not train.
+
+    Called when the plan is made (and by later workers on the stored plan), so a campaign fails
+    before its first run rather than part-way: steps per epoch, the learning-rate schedule, the
+    model on the image size, and with DP the batch size against every run's number of units.
+    """
+    check_steps(train_config, schedule)
+    check_model_input(train_config, train_table.channels, len(train_table.label_names))
+    if train_config.dp:
+        check_dp_batches(train_config, train_table, schedule, patient_mask)
+
+
+def check_steps(train_config: TrainConfig, schedule: dict) -> None:
+    """A run takes at least one full batch per epoch and some step has a non-zero learning rate."""
+    from medleak.train_utils.optim import learning_rate_schedule
+
+    expected = schedule["expected_train_size"]
+    if expected // train_config.batch_size == 0:
+        works = max(train_config.grad_accum, expected - expected % train_config.grad_accum)
+        raise MedleakError(f"--batch_size={train_config.batch_size} is more than a run's {expected} training "
+                           f"records, so an epoch holds no full batch; use --batch_size={works} or less")
+    steps = np.arange(schedule["steps"])
+    rates = np.asarray(learning_rate_schedule(train_config, schedule["steps"])(steps), dtype=np.float32)
+    if not (rates > 0).any():
+        raise MedleakError(f"--learning_rate={train_config.learning_rate} gives every one of the "
+                           f"{schedule['steps']} steps a learning rate of 0 in float32; use --learning_rate=0.01")
+
+
+def check_model_input(train_config: TrainConfig, channels: int, n_classes: int) -> None:
+    """The model builds on one image of `--img_size` and gives one logit per class (jax.eval_shape:
+    traced, nothing computed)."""
+    height, width = train_config.img_size
+
+    def output_shape(h, w):
+        import jax
+        import jax.numpy as jnp
+
+        from medleak.train_utils.models import create_model
+
+        model = create_model(train_config.model, n_classes, norm=train_config.norm)
+        sample = jax.ShapeDtypeStruct((1, h, w, channels), jnp.float32)
+        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)
+        return jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, sample).shape
+
+    def works(h, w):
+        try:
+            return output_shape(h, w) == (1, n_classes)
+        except MedleakError:
+            raise
+        except Exception:
+            return False
+
+    if works(height, width):
+        return
+    bigger = next((side for side in (8, 16, 32, 64, 128, 256, 512) if side >= max(height, width)
+                   and works(side, side)), None)
+    hint = f"use --img_size={bigger},{bigger}" if bigger else "use another --model"
+    raise MedleakError(f"--img_size={height},{width}: --model={train_config.model} cannot take images of "
+                       f"this size; {hint}")
+
+
+def run_unit_counts(train_config: TrainConfig, train_table, patient_mask: np.ndarray) -> np.ndarray:
+    """DP units (records, or patients with --dp_unit=patient) each run trains on, from the mask."""
+    if train_config.dp_unit == "patient":
+        return np.asarray(patient_mask, dtype=bool).sum(axis=1)
+    _, record_patient_index = patient_index(train_table.df["patient_id"])
+    return np.asarray(patient_mask, dtype=bool)[:, record_patient_index].sum(axis=1)
+
+
+def check_dp_batches(train_config: TrainConfig, train_table, schedule: dict, patient_mask: np.ndarray) -> None:
+    """Every run can be Poisson-sampled at --batch_size (the DP code's own rule, for every run)."""
+    counts = run_unit_counts(train_config, train_table, patient_mask)
+    smallest = int(np.argmin(counts))
+    if _dp_batch_error(train_config, train_table, schedule, int(counts[smallest])) is None:
+        return
+    # units per step grow linearly with the batch size: start at the proportional size, step down
+    from medleak.dp.estimator import dp_batch_shape
+
+    shape = dp_batch_shape(dataclasses.replace(train_config, batch_size=train_config.grad_accum),
+                           train_table.df["patient_id"].astype(str).to_numpy())
+    per_record = shape.expected_units / train_config.grad_accum
+    works = int(counts[smallest] / per_record) // train_config.grad_accum * train_config.grad_accum
+    while works > train_config.grad_accum and _dp_batch_error(
+            dataclasses.replace(train_config, batch_size=works), train_table, schedule, int(counts[smallest])):
+        works -= train_config.grad_accum
+    raise MedleakError(f"--batch_size={train_config.batch_size} asks for more {train_config.dp_unit}s per DP step "
+                       f"than run {smallest} has ({counts[smallest]}, the fewest of the {len(counts)} runs); "
+                       f"use --batch_size={max(works, train_config.grad_accum)} or less")
+
+
+def _dp_batch_error(train_config: TrainConfig, train_table, schedule: dict, n_units: int) -> str | None:
+    """The DP code's objection to a run of `n_units` units at this batch size, or None."""
+    from medleak.dp import sampling
+    from medleak.dp.estimator import dp_batch_shape
+
+    try:
+        shape = dp_batch_shape(train_config, train_table.df["patient_id"].astype(str).to_numpy())
+        sampling.make_schedule(shape, n_units, schedule["steps"])
+    except MedleakError as e:
+        return str(e)
+    return None
+
+
 def plan_document(dataset: str, train_table, test_table, train_config: TrainConfig,
                   campaign_config: CampaignConfig) -> dict:
     """The identity of a campaign: what plan.json stores and what later workers must match.
@@ -234,12 +340,14 @@ def write_plan(logdir, document: dict, patient_mask: np.ndarray, patient_ids, tr
 
 
 def ensure_plan(logdir, document: dict, train_table, test_table,
-                requested: TrainConfig | None = None) -> tuple[dict, np.ndarray, bool]:
+                requested: TrainConfig | None = None, check=None) -> tuple[dict, np.ndarray, bool]:
     """Creates the plan if the logdir has none, else checks that it matches `document`.
 
     `requested`: the worker's TrainConfig before per-backend choices were resolved; where it says
-    "auto", the stored plan's choice is followed (`follow_plan`). Returns (stored plan document,
-    patient mask, created). Must be called with the queue lock held.
+    "auto", the stored plan's choice is followed (`follow_plan`). `check(train_config, schedule,
+    patient_mask)` (e.g. `check_trainable` on the table) runs before a new plan is written, and on
+    a stored one. Returns (stored plan document, patient mask, created). Must be called with the
+    queue lock held.
     """
     stored = read_plan(logdir)
     if stored is not None:
@@ -247,10 +355,15 @@ def ensure_plan(logdir, document: dict, train_table, test_table,
         if requested is not None:
             document = follow_plan(document, stored, requested)
         check_plan(logdir, stored, document)
-        return stored, load_patient_mask(logdir), False
+        mask = load_patient_mask(logdir)
+        if check is not None:
+            check(TrainConfig.from_dict(stored["train_config"]), stored["schedule"], mask)
+        return stored, mask, False
     campaign = document["campaign"]
     patient_ids, _ = patient_index(train_table.df["patient_id"])
     mask = make_patient_mask(campaign["n_runs"], len(patient_ids), campaign["subset_ratio"], campaign["seed"])
+    if check is not None:
+        check(TrainConfig.from_dict(document["train_config"]), document["schedule"], mask)
     write_plan(logdir, document, mask, patient_ids, train_table, test_table)
     return read_plan(logdir), mask, True
 
