@@ -31,6 +31,15 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def progress_lines(log, seed: int, images_per_step: int):
+    """The Trainer's `log_progress`: a bar draws progress on a terminal; elsewhere, log lines."""
+    if sys.stderr.isatty():
+        return None
+    from medleak.campaign.progress import ProgressLines
+
+    return ProgressLines(log, f"training (seed {seed})", images_per_step)
+
+
 def prepare_campaign(queue: WorkQueue, document: dict, train_table, test_table, log=_log, requested=None,
                      check_trainable=True):
     """Creates the logdir's plan (first worker) or checks it (later ones), all under the queue lock.
@@ -268,14 +277,14 @@ def main_from_flags(dataset: str, argv) -> int:
 
 
 def run_script(dataset: str) -> None:
-    """What each dataset script calls: define its flags and run one worker."""
-    from absl import app
+    """What each dataset script calls: define its flags and run one worker (`--help` exits 0)."""
+    from medleak.cli import quiet_console, run_absl
 
+    quiet_console()  # before anything imports jax
     from medleak.campaign import flags as campaign_flags
-    from medleak.cli import main_guard
 
     campaign_flags.define_flags(dataset)
-    app.run(main_guard(functools.partial(main_from_flags, dataset)))
+    run_absl(functools.partial(main_from_flags, dataset))
 
 
 # Console entry points (pyproject.toml): `medleak-chexpert --flags…` is `python chexpert.py --flags…`.

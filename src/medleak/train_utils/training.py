@@ -384,7 +384,7 @@ class Trainer:
         return program
 
     def train(self, train_indices, seed: int, progress: bool = True, *, checkpoints=None,
-              after_chunk=None) -> TrainedModel:
+              after_chunk=None, log_progress=None) -> TrainedModel:
         """Trains one model on rows `train_indices` of the training images; returns its weights.
 
         `checkpoints` (`checkpoint.RunCheckpoints` of this run): the state is saved there at the first
@@ -416,6 +416,8 @@ class Trainer:
         jax.block_until_ready(state)
 
         saved_before = checkpoints.save_seconds if checkpoints is not None else 0.0
+        if log_progress is not None:  # progress lines without a terminal (campaign.progress.ProgressLines)
+            after_chunk = _also_log_progress(after_chunk, log_progress, program, losses)
         loop_started = time.perf_counter()
         try:
             state = self._train_loop(program, state, batches, seed, losses, first_step, progress,
@@ -533,6 +535,16 @@ class Trainer:
     def evaluate(self, model: TrainedModel, subgroups: dict | None = None) -> dict:
         """Test accuracy, macro AUROC and AUROC per label, overall and per subgroup value."""
         return metrics.classification_metrics(self.infer_test(model), self.test_labels, self.task, subgroups)
+
+
+def _also_log_progress(after_chunk, log_progress, program, losses):
+    """`after_chunk` that also calls `log_progress(steps_done, n_steps, steps_per_epoch, losses)`;
+    `losses` is filled up to the chunk before the last (the last one is still running)."""
+    def hook(steps_done):
+        if after_chunk is not None:
+            after_chunk(steps_done)
+        log_progress(steps_done, program.n_steps, program.epoch_steps, losses)
+    return hook
 
 
 def _seed32(seed: int) -> int:
