@@ -166,6 +166,10 @@ class CampaignConfig:
     seed: int = 0
     max_attempts: int = 3
     lease_seconds: float = 300.0
+    # Least minutes between two checkpoints of a training run (0: none). A save of a WRN-28-2 takes
+    # well under a second (bench/campaign.py), so 10 minutes keeps the overhead far below 2 %.
+    checkpoint_minutes: float = 10.0
+    save_weights: bool = False  # also keep every run's weights (runs/run_NNNN/model/)
 
     # The fields that decide which models are trained (stored in plan.json); the others only say
     # how workers share the runs and may differ between workers.

@@ -32,6 +32,7 @@ CHECKPOINTS_DIR = "checkpoints"  # per-run training checkpoints; deleted when th
 ARRAY_FILES = ("train_logits.npy", "train_labels.npy", "record_mask.npy", "test_logits.npy", "test_labels.npy")
 METRICS_FILE = "metrics.json"
 RUN_FILES = ARRAY_FILES + (METRICS_FILE,)
+MODEL_DIR = "model"  # optional: the run's weights (--save_weights; --eval_only), train_utils/saved_model.py
 _RUN_NAME = re.compile(r"^run_(\d{4,})$")
 _TMP_NAME = re.compile(r"^\.tmp-(\d+)-(.+)-(\d+)$")
 _VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "dp-accounting", "jax-privacy")
@@ -156,11 +157,12 @@ def commit_run(tmp_dir, logdir, run_index: int) -> bool:
     """Renames a finished temporary run directory to `runs/run_NNNN`.
 
     Returns False (and deletes `tmp_dir`) when the run is already complete: a run finished by another
-    worker is never replaced. Call with the queue lock held so the check and the rename are one step.
+    worker is never replaced. Either way the run's checkpoints (`checkpoint_dir`) are deleted. Call with the queue lock held so the check and the rename are one step.
     """
     final = run_dir(logdir, run_index)
     if final.exists():
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir(logdir, run_index), ignore_errors=True)
         return False
     missing = [f for f in RUN_FILES if not (Path(tmp_dir) / f).is_file()]
     if missing:
@@ -168,6 +170,7 @@ def commit_run(tmp_dir, logdir, run_index: int) -> bool:
     final.parent.mkdir(parents=True, exist_ok=True)
     os.rename(tmp_dir, final)
     _fsync_dir(final.parent)
+    shutil.rmtree(checkpoint_dir(logdir, run_index), ignore_errors=True)  # published: nothing to resume
     return True
 
 

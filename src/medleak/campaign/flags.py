@@ -48,6 +48,11 @@ CAMPAIGN_FLAG_HELP = {
     "max_attempts": "claims of one run (failures, lost workers) before it is reported failed",
     "lease_seconds": "a claimed run is re-taken by another worker when its lease is not renewed for this "
                      "long (renewed every third of it while training)",
+    "checkpoint_minutes": "save a training run's state at the first epoch boundary after this many minutes "
+                          "(into <logdir>/checkpoints/, deleted when the run is published), so a run whose "
+                          "worker is lost resumes there; 0 disables",
+    "save_weights": "also write every run's final (EMA) weights and config into runs/run_NNNN/model/ "
+                    "(docs/RUNDIR.md; --eval_only always writes its model)",
 }
 
 

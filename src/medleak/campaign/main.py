@@ -118,8 +118,13 @@ class RunTrainer:
                                                test_images, self.test_labels, expected_train_size)
         self.test_subgroups = {name: test_table.df[name].to_numpy() for name in test_table.subgroups}
 
-    def train_and_infer(self, record_mask: np.ndarray, seed: int) -> dict:
-        """Trains one model on the records where `record_mask` is True; returns the run's contents."""
+    def train_and_infer(self, record_mask: np.ndarray, seed: int, checkpoints=None) -> dict:
+        """Trains one model on the records where `record_mask` is True; returns the run's contents
+        (the run files' arrays and metrics, and the TrainedModel under "model", for `write_run`).
+
+        `checkpoints` (`RunCheckpoints`, see `run_checkpoints`): the run resumes from its newest
+        checkpoint and saves new ones there.
+        """
         from medleak.train_utils.metrics import classification_metrics
 
         task = self.train_table.task
@@ -131,7 +136,7 @@ class RunTrainer:
             dp_summary = self.dp.summary(train_indices)
             self.log(format_summary(dp_summary))
         started = time.time()
-        model = self.trainer.train(train_indices, seed, progress=sys.stderr.isatty())
+        model = self.trainer.train(train_indices, seed, progress=sys.stderr.isatty(), checkpoints=checkpoints)
         trained = time.time()
         train_logits = np.asarray(self.trainer.infer_train_views(model), dtype=np.float32)
         test_logits = np.asarray(self.trainer.infer_test(model), dtype=np.float32)
@@ -145,7 +150,7 @@ class RunTrainer:
                           if (~record_mask).any() else None),
             "final_train_loss": float(losses[-max(1, len(losses) // 10):].mean()) if losses.size else None,
             "n_train_in": int(record_mask.sum()),
-            "seed": int(seed),
+            "seed": model.seed,  # a resumed run keeps its checkpoint's seed
             "config": self.config.to_dict(),
             "timings": dict(model.timings, train_seconds=trained - started, infer_seconds=inferred - trained,
                             compile_seconds_total=dict(self.trainer.compile_seconds)),
@@ -153,7 +158,31 @@ class RunTrainer:
         }
         metrics.update(rundir.environment_info())
         return dict(train_logits=train_logits, train_labels=self.train_labels, record_mask=record_mask,
-                    test_logits=test_logits, test_labels=self.test_labels, metrics=metrics)
+                    test_logits=test_logits, test_labels=self.test_labels, metrics=metrics, model=model)
+
+    def write_run(self, directory, contents: dict, *, save_weights: bool) -> Path:
+        """Writes `train_and_infer`'s run files into `directory`; with `save_weights` also the model's
+        EMA weights and config (`directory/model/`, train_utils/saved_model.py)."""
+        directory = rundir.write_run_files(directory, **{k: v for k, v in contents.items() if k != "model"})
+        if save_weights:
+            from medleak.train_utils.saved_model import save_model
+
+            save_model(directory / rundir.MODEL_DIR, contents["model"].eval_variables, config=self.trainer.config,
+                       n_classes=self.trainer.n_classes, task=self.train_table.task,
+                       channels=self.trainer.images.shape[-1], label_names=self.train_table.label_names)
+        return directory
+
+
+def run_checkpoints(directory, campaign_config, log=_log):
+    """The `RunCheckpoints` of one run in `directory`, saved every --checkpoint_minutes (None when 0)."""
+    minutes = campaign_config.checkpoint_minutes
+    if not minutes >= 0:
+        raise MedleakError(f"--checkpoint_minutes={minutes}: give minutes between checkpoints, or 0 for none")
+    if minutes == 0:
+        return None
+    from medleak.train_utils.checkpoint import RunCheckpoints
+
+    return RunCheckpoints(directory, every_seconds=60.0 * minutes, log=log)
 
 
 def _build_trainer(config, train_images, train_labels, train_table, test_images, test_labels, expected_train_size):
@@ -205,10 +234,13 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
         run_index = claim.run_index
         mask = plan.record_mask(patient_mask[run_index], record_patient_index)
         seed = plan.run_seed(campaign_config.seed, run_index, claim.attempt)
-        contents = run_trainer().train_and_infer(mask, seed)
+        contents = run_trainer().train_and_infer(
+            mask, seed, run_checkpoints(rundir.checkpoint_dir(logdir, run_index), campaign_config, log))
         contents["metrics"].update(run=run_index, dataset=dataset, attempt=claim.attempt)
         _log_test_metrics(log, rundir.run_dir_name(run_index), contents["metrics"])
-        return rundir.write_run_tmp(logdir, run_index, **contents)
+        # published by the work queue (rundir.commit_run, which deletes the run's checkpoints)
+        return run_trainer().write_run(rundir.tmp_run_dir(logdir, run_index), contents,
+                                       save_weights=campaign_config.save_weights)
 
     return work_loop(queue, do_run, log=log)
 
@@ -217,24 +249,29 @@ def run_eval_only(dataset: str, *, data_root, logdir, train_config, campaign_con
                   cache: CacheOptions = CacheOptions(), log=_log) -> dict:
     """Trains one model on the whole training split; prints and writes its test metrics.
 
-    Written to `<logdir>/eval_only/` (same files as a run directory; replaced on every call).
+    Written to `<logdir>/eval_only/` (same files as a run directory, and the model in `model/`;
+    replaced on every call). Interrupted, it resumes from `<logdir>/checkpoints/eval_only/`.
     """
     train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
     train_config = plan.resolve_backend_choices(train_config)  # recorded in metrics.json as trained
     trainer = RunTrainer(train_table, test_table, train_config, data_root,
                          expected_train_size=train_table.n_records, cache=cache, log=log)
-    contents = trainer.train_and_infer(np.ones(train_table.n_records, dtype=bool), campaign_config.seed)
+    checkpoints = run_checkpoints(Path(logdir) / rundir.CHECKPOINTS_DIR / EVAL_ONLY_DIR, campaign_config, log)
+    contents = trainer.train_and_infer(np.ones(train_table.n_records, dtype=bool), campaign_config.seed,
+                                       checkpoints)
     contents["metrics"].update(run=None, dataset=dataset, eval_only=True)
     final = Path(logdir) / EVAL_ONLY_DIR
-    tmp = rundir.write_run_files(Path(logdir) / f".tmp-{EVAL_ONLY_DIR}-{socket.gethostname()}-{os.getpid()}",
-                                 **contents)
+    tmp = trainer.write_run(Path(logdir) / f".tmp-{EVAL_ONLY_DIR}-{socket.gethostname()}-{os.getpid()}",
+                            contents, save_weights=True)
     rundir.replace_dir(tmp, final)
+    if checkpoints is not None:
+        checkpoints.delete()
     _log_test_metrics(log, "eval_only", contents["metrics"])
     for name, groups in contents["metrics"]["test"]["subgroups"].items():
         for value, group in groups.items():
             log(f"  test {name}={value}: n={group['n']} · accuracy {_fmt(group['accuracy'])} · "
                 f"macro AUROC {_fmt(group['macro_auroc'])}")
-    log(f"wrote {final}")
+    log(f"wrote {final} (the model: {final / rundir.MODEL_DIR}, read by medleak.load_model)")
     return contents["metrics"]
 
 
