@@ -3,8 +3,10 @@
 #
 # Run this same line on every GPU machine that sees the same LOG_DIR (a shared filesystem): the
 # workers share the runs out through the file-lock work queue in each logdir, so more machines
-# simply finish sooner. A worker exits when nothing is left to claim; re-running the line later
-# picks up runs whose worker died (after their lease expired) and never redoes a finished run.
+# simply finish sooner. A worker with nothing left to claim waits while others train and takes over
+# the runs of workers that die, so the campaign finishes; re-running the line never redoes a finished
+# run. Worker logs ($LOG_DIR/<dataset>/worker_logs/) are appended to; a failed worker's last error
+# line is printed.
 #
 #   bash scripts/train_all.sh
 #   WORKERS_PER_GPU=2 DATASETS="fitzpatrick chexpert" DATA_DIR=/data LOG_DIR=/shared/logs bash scripts/train_all.sh
@@ -21,6 +23,7 @@
 #   PYTHON           interpreter (python)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/worker_log.sh
 
 PYTHON=${PYTHON:-python}
 DATASETS=${DATASETS:-"fitzpatrick fairvision embed chexpert mimic"}
@@ -63,9 +66,13 @@ for dataset in $DATASETS; do
   mkdir -p "$logdir/worker_logs"
   echo "== $dataset: ${#gpu_list[@]} device(s) x $WORKERS_PER_GPU worker(s), logdir $logdir"
   pids=()
+  logs=()
+  offsets=()
   for gpu in "${gpu_list[@]}"; do
     for ((w = 0; w < WORKERS_PER_GPU; w++)); do
       log="$logdir/worker_logs/$(hostname)-$gpu-$w.log"
+      offsets+=("$(worker_log_start "$log")")
+      logs+=("$log")
       if [ "$gpu" = "cpu" ]; then
         device_env=(env JAX_PLATFORMS=cpu)
       else
@@ -73,13 +80,14 @@ for dataset in $DATASETS; do
         device_env=(env CUDA_VISIBLE_DEVICES="$gpu")
       fi
       "${device_env[@]}" "$PYTHON" "$dataset.py" --data_root="$DATA_DIR/$dataset" --logdir="$logdir" \
-        "${n_runs_flag[@]}" --workers_per_device="$WORKERS_PER_GPU" "$@" >"$log" 2>&1 &
+        "${n_runs_flag[@]}" --workers_per_device="$WORKERS_PER_GPU" "$@" >>"$log" 2>&1 &
       pids+=("$!")
     done
   done
-  for pid in "${pids[@]}"; do
-    if ! wait "$pid"; then
-      echo "   a $dataset worker failed (pid $pid); see $logdir/worker_logs/" >&2
+  for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then
+      echo "   a $dataset worker failed (pid ${pids[$i]}): $(worker_last_error "${logs[$i]}" "${offsets[$i]}")" >&2
+      echo "   its log: ${logs[$i]}" >&2
       failed=1
     fi
   done

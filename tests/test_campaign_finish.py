@@ -284,3 +284,20 @@ def test_console_is_quiet_warnings_are_one_line_and_help_exits_0(tmp_path):
     bad = subprocess.run([sys.executable, "fitzpatrick.py", "--no_such_flag"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 1 and "no_such_flag" in bad.stderr  # a bad flag is still an error
+
+
+def test_train_all_appends_to_worker_logs_and_prints_the_failing_workers_error(tmp_path):
+    env = dict(os.environ, DATASETS="fitzpatrick", GPUS="", LOG_DIR=str(tmp_path / "logs"),
+               DATA_DIR=str(tmp_path / "data"), PYTHON=sys.executable)
+    outputs = []
+    for batch_size in (0, -3):  # refused when the flags are read, before any data is touched
+        result = subprocess.run(["bash", "scripts/train_all.sh", f"--batch_size={batch_size}"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 1
+        outputs.append(result.stderr)
+    assert "failed (pid" in outputs[0] and "error: --batch_size must be at least 1, got 0" in outputs[0]
+    assert "error: --batch_size must be at least 1, got -3" in outputs[1] and "got 0" not in outputs[1]
+    (log,) = (tmp_path / "logs" / "fitzpatrick" / "worker_logs").iterdir()
+    text = log.read_text()
+    assert text.count("worker started on") == 2  # the second start appended to the first's log
+    assert text.index("got 0") < text.index("got -3")
