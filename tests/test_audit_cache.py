@@ -203,3 +203,17 @@ def test_an_unwritable_cache_falls_back_to_scoring_with_one_warning(tmp_path):
     with pytest.warns(UserWarning, match="cache not usable"):
         campaign = load_campaign(logdir, progress=False, cache=True)
     _assert_same_campaign(campaign, _load(logdir, cache=False))
+
+
+def test_noise_floor_on_threads_equals_one_thread():
+    from medleak.privacy_utils.noise_floor import share_floor
+
+    rng = np.random.default_rng(3)
+    patient_mask = (np.argsort(rng.random((30, 12)), axis=1) < 6).T
+    unit_patient = np.repeat(np.arange(30), 1 + np.arange(30) % 3)
+    summaries = rng.normal(size=(12, unit_patient.size)) + 0.5 * patient_mask[:, unit_patient]
+    calls = []
+    one = share_floor(summaries, patient_mask, unit_patient, n_permutations=25, seed=4, threads=1)
+    many = share_floor(summaries, patient_mask, unit_patient, n_permutations=25, seed=4, threads=3,
+                       on_permutation=lambda: calls.append(1))
+    assert one == many and len(calls) == 25

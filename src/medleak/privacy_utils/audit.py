@@ -34,6 +34,7 @@ from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESH
                                                record_summaries)
 from medleak.privacy_utils.load import read_campaign_files
 from medleak.privacy_utils.noise_floor import AUC_GRID, DEFAULT_PERMUTATIONS, share_floor, strongest_attack_floor
+from medleak.privacy_utils.progress import Stages
 from medleak.privacy_utils.risk import RISK_THRESHOLDS, patient_risk, record_auc, require_in_and_out, share_above
 from medleak.privacy_utils.rmia import DEFAULT_GAMMA, DEFAULT_POPULATION
 from medleak.privacy_utils.roc import FPR_GRID, summarise_attack
@@ -258,11 +259,23 @@ def attack_suite(campaign, options: AuditOptions, targets=None) -> Attacks:
     return Attacks(results, extras, attack_scores, target_masks)
 
 
-def noise_floors(risk: RiskTables, attacks: Attacks, options: AuditOptions) -> dict:
+# The options a noise floor depends on (with the runs' scores): a cached floor is reused only when they match.
+FLOOR_SETTINGS = ("seed", "permutations", "fdr", "risk_auc", "eval_size", "rmia_gamma", "rmia_trim", "rmia_population")
+
+
+def cached_result(campaign, name, settings, options: AuditOptions, compute):
+    """compute(), or its JSON result cached with the campaign's scores (`cache.py`) for these options."""
+    if campaign.cache is None:
+        return compute()
+    store, key = campaign.cache
+    return store.derived_json(key, name, {field: getattr(options, field) for field in settings}, compute)
+
+
+def noise_floors(risk: RiskTables, attacks: Attacks, options: AuditOptions, on_permutation=None) -> dict:
     """The noise-floor step: what the headlines look like when nothing leaks, from seeded
     permutations of each patient's IN/OUT bits (`noise_floor`); JSON-ready, seeds included."""
     common = dict(thresholds=RISK_THRESHOLDS, alpha=options.fdr, auc_threshold=options.risk_auc,
-                  n_permutations=options.permutations)
+                  n_permutations=options.permutations, on_permutation=on_permutation)
     floors = {
         "patients": share_floor(risk.patient_summary, risk.patient_mask, seed=options.seed, **common),
         "records": share_floor(risk.record_summary, risk.patient_mask, risk.record_patient, seed=options.seed + 1, **common),
@@ -273,7 +286,8 @@ def noise_floors(risk: RiskTables, attacks: Attacks, options: AuditOptions) -> d
         **floors,
         "strongest_attack": strongest_attack_floor(attacks.scores, attacks.target_masks,
                                                    risk.record_table["patient_id"].to_numpy(),
-                                                   n_permutations=options.permutations, seed=options.seed + 2),
+                                                   n_permutations=options.permutations, seed=options.seed + 2,
+                                                   on_permutation=on_permutation),
     }
 
 
@@ -478,19 +492,27 @@ def audit_campaign(campaign, options: AuditOptions) -> AuditResult:
     dataset = check_dataset(options, campaign.plan, campaign.logdir)
     targets = np.arange(campaign.n_runs - n_targets(campaign.n_runs, options.eval_size), campaign.n_runs)
     out_dir = make_out_dir(options, Path("figs") / dataset)
-    risk = record_risk_tables(campaign, options)
-    attacks = attack_suite(campaign, options, targets)
-    floors = noise_floors(risk, attacks, options)
-    groups = subgroup_tables(campaign, risk, options.top_share)
-    write_tables(out_dir, risk, groups)
-    figs, slugs = audit_figures(out_dir, risk, attacks, groups, floors, campaign.subgroups)
-    unreadable = []
-    if options.data_root is not None and "path" in risk.record_table:
-        grid, unreadable = vulnerable_images(out_dir, risk.record_table, options.data_root, dataset)
-        if grid is not None:
-            figs["vulnerable_images"] = grid
-    summary = audit_summary(campaign, dataset, risk, attacks, groups, floors, run_planner(risk, options.target_se), options)
-    write_json(out_dir / "attack_summary.json", summary)
-    summary["report"] = str(report.audit_page(out_dir, summary, attacks.results, risk.patient_table, groups.privacy,
-                                              groups.utility, figs, slugs, unreadable))
+    stages = Stages(options.progress)
+    with stages.stage("risk"):
+        risk = record_risk_tables(campaign, options)
+    with stages.stage("attacks"):
+        attacks = attack_suite(campaign, options, targets)
+    with stages.stage("noise floor", total=3 * options.permutations, unit="permutation") as bar:
+        floors = cached_result(campaign, "noise_floor", FLOOR_SETTINGS, options,
+                               lambda: noise_floors(risk, attacks, options, on_permutation=bar.update))
+    with stages.stage("subgroups"):
+        groups = subgroup_tables(campaign, risk, options.top_share)
+        write_tables(out_dir, risk, groups)
+    with stages.stage("figures"):
+        figs, slugs = audit_figures(out_dir, risk, attacks, groups, floors, campaign.subgroups)
+        unreadable = []
+        if options.data_root is not None and "path" in risk.record_table:
+            grid, unreadable = vulnerable_images(out_dir, risk.record_table, options.data_root, dataset)
+            if grid is not None:
+                figs["vulnerable_images"] = grid
+    with stages.stage("planner and report"):
+        summary = audit_summary(campaign, dataset, risk, attacks, groups, floors, run_planner(risk, options.target_se), options)
+        write_json(out_dir / "attack_summary.json", summary)
+        summary["report"] = str(report.audit_page(out_dir, summary, attacks.results, risk.patient_table, groups.privacy,
+                                                  groups.utility, figs, slugs, unreadable))
     return AuditResult(summary, risk.record_table, risk.patient_table, groups, attacks.scores, attacks.target_masks)

@@ -145,3 +145,18 @@ class ScoreCache:
         except OSError as e:  # a full or read-only disk costs the reuse, not the audit
             warnings.warn(f"{folder}: not cached ({e.strerror or e})", stacklevel=2)
         return arrays
+
+    def derived_json(self, key, name, settings, compute):
+        """A JSON-ready result computed once per scores `key` and `settings` (e.g. the noise floor,
+        which depends on the audit's seed and thresholds too): `derived-<key>-<name>-<hash>.json`."""
+        path = self.dir / f"derived-{key}-{name}-{_digest(settings)[:12]}.json"
+        try:
+            return read_json(path)
+        except (OSError, ValueError):
+            pass
+        result = compute()
+        try:
+            write_json(path, result)
+        except OSError as e:
+            warnings.warn(f"{path}: not cached ({e.strerror or e})", stacklevel=2)
+        return result

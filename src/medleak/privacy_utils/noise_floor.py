@@ -18,6 +18,9 @@ with the interval observed − (chance interval): it excludes 0 when the observe
 the chance band. The seed is recorded in the result.
 """
 
+import collections
+import concurrent.futures
+
 import numpy as np
 from scipy import stats
 
@@ -25,7 +28,7 @@ from medleak.errors import MedleakError
 from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UNIT_CHUNK, benjamini_hochberg,
                                                check_summaries, flag_at_risk, patient_codes,
                                                patient_mask_from_records, p_value_lookup, rank_auc)
-from medleak.privacy_utils.risk import RISK_THRESHOLDS
+from medleak.privacy_utils.risk import RISK_THRESHOLDS, n_threads
 
 DEFAULT_PERMUTATIONS = 200
 DEFAULT_SEED = 0
@@ -41,8 +44,12 @@ def permute_patient_mask(patient_mask, rng):
     """
     patient_mask = np.asarray(patient_mask, dtype=bool)
     n_models, n_patients = patient_mask.shape
-    counts = patient_mask.sum(axis=0)
-    noise = rng.random((n_patients, n_models))
+    return _relabel(patient_mask.sum(axis=0), rng.random((n_patients, n_models)))
+
+
+def _relabel(counts, noise):
+    """`permute_patient_mask` given the patients' IN counts and the (n_patients, n_models) noise."""
+    n_patients = noise.shape[0]
     kth = np.sort(noise, axis=1)[np.arange(n_patients), np.maximum(counts - 1, 0)]
     threshold = np.where(counts > 0, kth, -1.0)
     return (noise <= threshold[:, None]).T
@@ -80,13 +87,15 @@ def compare_to_chance(observed, chance, confidence=0.95):
 
 def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, thresholds=RISK_THRESHOLDS,
                 alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD, n_permutations=DEFAULT_PERMUTATIONS,
-                seed=DEFAULT_SEED, confidence=0.95):
+                seed=DEFAULT_SEED, confidence=0.95, threads=None, on_permutation=None):
     """Chance distribution of the share of units with rank AUC above x, by permuting patients' bits.
 
     summaries: (n_models, n_units) float per-model summaries (`calibration.patient_summaries` for
     patients, `calibration.record_summaries` for records); patient_mask: (n_models, n_patients) bool;
     unit_patient: (n_units,) int index of each unit's patient into the mask columns (None: the
-    units are the patients). Cost per permutation: one masked sum over (n_models, n_units).
+    units are the patients). Cost per permutation: one masked sum over (n_models, n_units), on
+    `threads` threads (default `risk.n_threads()`; the result does not depend on it);
+    `on_permutation()` is called as each permutation is started (a progress bar).
 
     Returns a JSON-ready dict: seed, n_permutations, confidence, grid, curve (`compare_to_chance` of
     share(AUC > x) on the grid: the eSF chance band), share_above {threshold: compare_to_chance},
@@ -117,11 +126,27 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     curves = np.empty((n_permutations, grid.size))
     at_threshold = np.empty((n_permutations, len(thresholds)))
     at_risk = np.empty(n_permutations)
-    for b in range(n_permutations):
-        permuted = permute_patient_mask(patient_mask, rng)[:, unit_patient]
+    counts = patient_mask.sum(axis=0)
+
+    def permutation(b, noise):
+        permuted = _relabel(counts, noise)[:, unit_patient]
         # float32 is exact here: midranks are multiples of ½ and their sums stay below 2²⁴
         u2 = np.rint(2.0 * np.einsum("mu,mu->u", ranks, permuted.astype(np.float32)) - offset).astype(np.int64)
         curves[b], at_threshold[b], at_risk[b] = headlines(u2)
+
+    # The noise is drawn in order from one generator (the same permutations as one thread would
+    # make); the sorts and sums, which release the GIL, run on `threads` threads, a few in flight.
+    threads = n_threads() if threads is None else max(1, int(threads))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        in_flight = collections.deque()
+        for b in range(n_permutations):
+            in_flight.append(pool.submit(permutation, b, rng.random(patient_mask.shape[::-1])))
+            if len(in_flight) > threads:
+                in_flight.popleft().result()
+            if on_permutation:
+                on_permutation()
+        for future in in_flight:
+            future.result()
     curve, shares, risk_share = headlines(observed["u2"])
     return {
         "seed": int(seed), "n_permutations": int(n_permutations), "confidence": float(confidence),
@@ -140,7 +165,7 @@ def _midranks(summaries, chunk=UNIT_CHUNK):
 
 
 def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permutations=DEFAULT_PERMUTATIONS,
-                           seed=DEFAULT_SEED, confidence=0.95):
+                           seed=DEFAULT_SEED, confidence=0.95, on_permutation=None):
     """Chance level of the strongest attack's AUC, permuting target membership per patient.
 
     attack_scores: {attack name: (n_targets, n_records) float} membership scores of the held-out
@@ -185,6 +210,8 @@ def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permut
     chance = np.empty((n_permutations, len(names)))
     for b in range(n_permutations):
         chance[b] = attack_aucs(permute_patient_mask(target_patient_mask, rng)[:, codes])
+        if on_permutation:
+            on_permutation()
     return {
         "seed": int(seed), "n_permutations": int(n_permutations), "confidence": float(confidence),
         "strongest": names[int(np.argmax(observed))],
