@@ -136,7 +136,7 @@ def write_synthetic_chexpert(out_dir, n_patients=240, img_size=32, seed=0, n_pla
             "n_test_images": len(rows["valid"]), "planted_patients": planted_ids, "findings": list(SIGNAL_FINDINGS)}
 
 
-def planted_ranks(data_root, patient_risk_csv, column="auc_max") -> tuple:
+def planted_ranks(data_root, patient_risk_csv, column="auc") -> tuple:
     """(1-based ranks of the planted patients in an audit's patient_risk.csv by `column`, n_patients)."""
     planted = set(io_utils.read_json(Path(data_root) / "planted_patients.json")["patient_ids"])
     risk = pd.read_csv(patient_risk_csv, dtype={"patient_id": str})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from medleak.io_utils import write_text
 from medleak.privacy_utils.calibration import ADJUSTMENT_SENTENCE
@@ -104,15 +105,20 @@ def above_chance(floor) -> bool:
 
 
 MIN_GROUP_PATIENTS = 10  # a group smaller than this is not named as "most exposed"
+MIN_GROUP_AT_RISK = 5  # nor one with fewer patients at risk: a handful of flagged patients says nothing about groups
 
 
-def most_exposed_group(privacy_table):
+def most_exposed_group(privacy_table, level=0.05):
     """The group whose at-risk share most exceeds the other patients' after adjusting for images per
-    patient, when that excess is at least two standard errors; else None."""
+    patient, when that excess is significant at `level` with a Bonferroni correction over all the
+    groups compared (one-sided z-test on the adjusted difference); else None."""
     if privacy_table is None or privacy_table.empty:
         return None
-    table = privacy_table[privacy_table["n_patients"] >= MIN_GROUP_PATIENTS]
-    table = table[table["at_risk_difference_adjusted"] - 2 * table["at_risk_difference_adjusted_se"].fillna(np.inf) > 0]
+    z_needed = stats.norm.isf(level / len(privacy_table))
+    n_at_risk = privacy_table["at_risk_share"] * privacy_table["n_patients"]
+    table = privacy_table[(privacy_table["n_patients"] >= MIN_GROUP_PATIENTS) & (n_at_risk >= MIN_GROUP_AT_RISK - 1e-9)]
+    z = table["at_risk_difference_adjusted"] / table["at_risk_difference_adjusted_se"]
+    table = table[z.fillna(-np.inf) > z_needed]
     if table.empty:
         return None
     return table.sort_values("at_risk_difference_adjusted", ascending=False).iloc[0]
@@ -136,7 +142,8 @@ def verdict(summary, privacy_table) -> str:
             f"{attack_text}.")
     group = most_exposed_group(privacy_table)
     if group is None:
-        return text + " No subgroup is more exposed than the other patients after adjusting for images per patient."
+        return text + (" No subgroup is significantly more exposed than the other patients after adjusting for images "
+                       "per patient (Bonferroni over the groups compared).")
     return text + (f" The most exposed group is {group['attribute']} = {group['category']}: {_pct(group['at_risk_share'])} of its "
                    f"{int(group['n_patients'])} patients at risk, {_pct(group['at_risk_difference_adjusted'])} "
                    f"(± {_pct(group['at_risk_difference_adjusted_se'])}) more than comparable patients with as many images.")
