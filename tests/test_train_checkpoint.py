@@ -67,6 +67,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(batch_norm_run
                                                    seed=7, resume_seed=123)
     assert saved_step == EPOCH_STEPS  # the epoch boundary before the interruption at step 5
     assert resumed.timings["resumed_from_step"] == EPOCH_STEPS
+    assert resumed.timings["checkpoints_saved"] == 2  # after epoch 2, and at the end
     assert resumed.seed == 7  # the checkpoint's seed, not the new attempt's
     assert_same_model(trainer, resumed, straight)
     # The end of training is saved too: a worker lost during inference does not train again.
@@ -96,6 +97,8 @@ def test_saves_wait_for_the_interval_and_an_incomplete_checkpoint_is_ignored(bat
         trainer.train(ROWS, 7, progress=False, checkpoints=RunCheckpoints(directory, every_seconds=3600),
                       after_chunk=preempt_after(8))
     assert RunCheckpoints(directory).latest_step() is None
+    short = trainer.train(ROWS, 7, progress=False, checkpoints=RunCheckpoints(directory, every_seconds=3600))
+    assert short.timings["checkpoints_saved"] == 0 and RunCheckpoints(directory).latest_step() is None
     with pytest.raises(Preempted):
         trainer.train(ROWS, 7, progress=False, checkpoints=RunCheckpoints(directory, every_seconds=0),
                       after_chunk=preempt_after(4))

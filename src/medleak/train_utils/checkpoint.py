@@ -9,7 +9,9 @@ and the DP accounting is a function of the run's plan (sigma, q, steps), not of 
 run resumed at step s repeats exactly what the uninterrupted run did from step s on.
 
 Saves happen at epoch boundaries, at the first one after `every_seconds` have passed since the
-last save (and at the end of training, so a worker lost during inference does not retrain). Orbax
+last save (or since the RunCheckpoints was made), and at the end of training under the same rule (so a worker
+lost during inference does not retrain, and a run shorter than `every_seconds` never saves: the
+overhead is at most one save per `every_seconds`). Orbax
 writes each checkpoint into a temporary directory and renames it when complete, so only complete
 checkpoints are ever restored; the older one is deleted after the newer one is in place.
 

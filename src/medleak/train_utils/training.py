@@ -388,7 +388,8 @@ class Trainer:
         """Trains one model on rows `train_indices` of the training images; returns its weights.
 
         `checkpoints` (`checkpoint.RunCheckpoints` of this run): the state is saved there at the first
-        epoch boundary after every `checkpoints.every_seconds` and at the end; a run that finds a
+        epoch boundary after every `checkpoints.every_seconds`, and at the end when that much time
+        has passed since the last save (a short run never saves); a run that finds a
         checkpoint of itself (same config and batch schedule) resumes from it, with the checkpoint's
         seed whatever `seed` says (a re-claimed run may be given a fresh one). A checkpoint of anything
         else, or of a run that diverged, is deleted. `after_chunk(steps_done)` is called after each
@@ -415,7 +416,7 @@ class Trainer:
             checkpoints.delete()
         jax.block_until_ready(state)
 
-        saved_before = checkpoints.save_seconds if checkpoints is not None else 0.0
+        saved_before, saves_before = (checkpoints.save_seconds, checkpoints.saves) if checkpoints is not None else (0.0, 0)
         if log_progress is not None:  # progress lines without a terminal (campaign.progress.ProgressLines)
             after_chunk = _also_log_progress(after_chunk, log_progress, program, losses)
         loop_started = time.perf_counter()
@@ -435,7 +436,8 @@ class Trainer:
         checkpoint_seconds = restore_seconds
         if checkpoints is not None:
             loop_seconds -= checkpoints.save_seconds - saved_before
-            checkpoints.save(program.n_steps, state, losses, seed=seed, fingerprint=fingerprint)
+            if checkpoints.due():  # the end too, so a worker lost during inference does not retrain
+                checkpoints.save(program.n_steps, state, losses, seed=seed, fingerprint=fingerprint)
             checkpoints.close()
             checkpoint_seconds += checkpoints.save_seconds - saved_before
         total_seconds = time.perf_counter() - started
@@ -445,6 +447,7 @@ class Trainer:
             "compile_seconds": compile_seconds,
             "step_seconds": loop_seconds,
             "checkpoint_seconds": checkpoint_seconds,
+            "checkpoints_saved": (checkpoints.saves if checkpoints is not None else 0) - saves_before,
             "overhead_seconds": total_seconds - compile_seconds - loop_seconds - checkpoint_seconds,
             "total_seconds": total_seconds,
             "images_per_second": n_images / loop_seconds if loop_seconds > 0 else float("nan"),
