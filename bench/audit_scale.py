@@ -125,7 +125,7 @@ def timed_audit(logdir, out_dir, name, extra=()):
     report(f"{name}_cpu_percent", int(cpu), "%")
     for stage, seconds in re.findall(r"^stage (.+?): ([\d.]+) s", done.stderr, flags=re.M):
         report(f"{name}_stage_{stage.replace(' ', '_')}", float(seconds), "s")
-    for line in re.findall(r"^loading .*GB/s.*$", done.stderr.replace("\r", "\n"), flags=re.M)[-1:]:
+    for line in re.findall(r"^loading .*[kMG]?B/s.*$", done.stderr.replace("\r", "\n"), flags=re.M)[-1:]:
         print(f"  {name} loading bar: {line.strip()}")
     return wall
 
