@@ -23,6 +23,7 @@ checkpoints are ever restored; the older one is deleted after the newer one is i
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +33,16 @@ import numpy as np
 
 # Written into every checkpoint's record; a checkpoint of another format is not restored.
 FORMAT_VERSION = 1
+
+
+class _OrbaxInfoFilter(logging.Filter):
+    """Drops orbax's INFO lines (a dozen per save) from absl's logger; its warnings still show."""
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+logging.getLogger("absl").addFilter(_OrbaxInfoFilter())
 
 
 def run_fingerprint(config_dict: dict, batches: dict) -> str:
