@@ -73,10 +73,13 @@ class RunCheckpoints:
     # -- reading --
 
     def latest_step(self) -> int | None:
-        """Step of the newest complete checkpoint, or None."""
+        """Step of the newest complete checkpoint, or None (read from the directory, which another
+        process may have written since this object last looked)."""
         if not self.directory.is_dir():
             return None
-        return self._checkpoint_manager().latest_step()
+        manager = self._checkpoint_manager()
+        manager.reload()
+        return manager.latest_step()
 
     def latest_record(self) -> dict | None:
         """The JSON record ({"seed", "fingerprint", "step", …}) of the newest complete checkpoint."""
