@@ -136,7 +136,8 @@ class RunTrainer:
             dp_summary = self.dp.summary(train_indices)
             self.log(format_summary(dp_summary))
         started = time.time()
-        model = self.trainer.train(train_indices, seed, progress=sys.stderr.isatty(), checkpoints=checkpoints)
+        model = self.trainer.train(train_indices, seed, progress=sys.stderr.isatty(), checkpoints=checkpoints,
+                                   log_progress=progress_lines(self.log, seed, self.config.batch_size))
         trained = time.time()
         train_logits = np.asarray(self.trainer.infer_train_views(model), dtype=np.float32)
         test_logits = np.asarray(self.trainer.infer_test(model), dtype=np.float32)
