@@ -136,7 +136,8 @@ def test_mimic_embed_fairvision_campaigns_eval_only_and_a_diverging_run_side_by_
     nan_logdir = tmp_path / "eval" / "nan_logs"
     workers["diverged"] = start_script("fitzpatrick", f"--data_root={data_root}", f"--logdir={nan_logdir}",
                                        f"--cache_dir={tmp_path / 'eval' / 'cache'}", "--n_runs=1", "--subset_ratio=0.6",
-                                       "--max_attempts=2", *TINY, "--epochs=4", "--learning_rate=1e30")
+                                       "--max_attempts=2", *TINY, "--epochs=4", "--learning_rate=1e30",
+                                       "--batch_size=4")  # a run holds ~5 records: the plan refuses batches larger
     outputs = {name: proc.communicate(timeout=300) for name, proc in workers.items()}
     for name, proc in workers.items():
         assert proc.returncode == 0, (name, outputs[name][1][-3000:])
