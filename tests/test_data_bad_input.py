@@ -5,19 +5,8 @@ import pandas as pd
 import pytest
 
 from medleak.data_utils import datasets, image_cache
-from medleak.errors import MedleakError
 from tests import layouts
-
-
-def raises(fn, *fragments):
-    """Runs fn, expects a one-line MedleakError containing every fragment; returns the message."""
-    with pytest.raises(MedleakError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
-    return message
+from tests.checks import raises
 
 
 # (dataset, file written by the layout, a required column in it, loader options)

@@ -5,17 +5,8 @@ import pandas as pd
 import pytest
 
 from medleak.data_utils import chestxray14, datasets, image_cache, records
-from medleak.errors import MedleakError
 from tests import layouts
-
-
-def raises(fn, *fragments):
-    with pytest.raises(MedleakError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
+from tests.checks import raises
 
 
 def test_chestxray14(tmp_path):
