@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medleak.dp.accounting import auc_upper_bound, auc_upper_bound_for_training, spent_epsilon
+from medleak.dp.accounting import auc_upper_bound_for_training, spent_epsilon
 from medleak.errors import MedleakError
 from medleak.privacy_utils import budgets, figures
 from medleak.privacy_utils.audit import AuditOptions

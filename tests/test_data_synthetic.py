@@ -71,7 +71,7 @@ def test_findings_are_learnable_at_16px(tmp_path):
 def test_seeded_and_command_line(tmp_path):
     a = synthetic.write_synthetic_chexpert(tmp_path / "a", n_patients=20, seed=7)
     b = synthetic.write_synthetic_chexpert(tmp_path / "b", n_patients=20, seed=7)
-    c = synthetic.write_synthetic_chexpert(tmp_path / "c", n_patients=20, seed=8)
+    synthetic.write_synthetic_chexpert(tmp_path / "c", n_patients=20, seed=8)
     csv = lambda d: (tmp_path / d / "CheXpert-v1.0-small/train.csv").read_text()  # noqa: E731
     assert csv("a") == csv("b") and csv("a") != csv("c")
     assert a["planted_patients"] == b["planted_patients"]

@@ -12,8 +12,7 @@ from medleak.campaign.plan import make_patient_mask, record_mask
 from medleak.errors import MedleakError
 from medleak.privacy_utils.attacks import VARIANTS, attack_targets, offline_a_per_target, pretend_target
 from medleak.privacy_utils.lira import lira_from_stats, shadow_stats
-from medleak.privacy_utils.rmia import (population_indices, reference_probability, rmia_from_reference,
-                                    tune_offline_a, tune_offline_a_fitted)
+from medleak.privacy_utils.rmia import population_indices, tune_offline_a, tune_offline_a_fitted
 from medleak.privacy_utils.roc import auc_score, summarise_attack
 from medleak.privacy_utils.scores import rmia_from_lira
 from medleak.privacy_utils.shadows import dropped_models, fit_shadows, target_stats
