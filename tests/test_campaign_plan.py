@@ -79,9 +79,14 @@ def test_run_seeds_differ_between_runs_and_campaigns():
 
 
 def make_tables(n_patients=6, images_per_patient=2):
+    return uneven_tables(n_patients, images=lambda p: images_per_patient)
+
+
+def uneven_tables(n_patients=30, images=lambda p: 1 + p % 4):
+    """Patients with images(p) images each (by default 1 to 4), so runs differ in records and patients."""
     rows = []
     for p in range(n_patients + 2):
-        for i in range(images_per_patient):
+        for i in range(images(p)):
             rows.append(dict(record_id=f"r{p}_{i}", patient_id=f"p{p}", path=f"img/{p}_{i}.png",
                              split="train" if p < n_patients else "test", a=float(i == 0), b=float(i != 0),
                              sex="F" if p % 2 else "M"))
@@ -208,18 +213,6 @@ def test_a_newer_plan_format_is_refused(tmp_path):
 
 
 # -- plan-time checks: a campaign that some run could not train fails before any run ----------------
-
-def uneven_tables(n_patients=30, images=lambda p: 1 + p % 4):
-    """Patients with 1 to 4 images each (by default), so runs differ in records and patients."""
-    rows = []
-    for p in range(n_patients + 2):
-        for i in range(images(p)):
-            rows.append(dict(record_id=f"r{p}_{i}", patient_id=f"p{p}", path=f"img/{p}_{i}.png",
-                             split="train" if p < n_patients else "test", a=float(i == 0), b=float(i != 0),
-                             sex="F" if p % 2 else "M"))
-    table = RecordsTable("toy", pd.DataFrame(rows), ("a", "b"), "multiclass", ("sex",))
-    return table.split("train"), table.split("test")
-
 
 def dp_document(train, test, **config):
     config = plan.resolve_backend_choices(TrainConfig(model="small_cnn", img_size=(8, 8), epochs=1, epsilon=8.0,
