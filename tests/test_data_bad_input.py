@@ -108,24 +108,17 @@ def test_path_escaping_data_root_fitzpatrick_and_embed(tmp_path):
     raises(lambda: datasets.load_dataset("embed", root), "/elsewhere/cohort_1/x.dcm", "--dicom_prefix")
 
 
-def test_bad_label_values_name_the_column(tmp_path):
-    root = layouts.write_chexpert(tmp_path / "c")
-    train = pd.read_csv(root / "CheXpert-v1.0-small/train.csv")
-    train.loc[0, "Edema"] = 2
-    train.to_csv(root / "CheXpert-v1.0-small/train.csv", index=False)
-    raises(lambda: datasets.load_dataset("chexpert", root), "'Edema'", "-1, 0 or 1")
-
-    root = layouts.write_fitzpatrick(tmp_path / "f")
-    raw = pd.read_csv(root / "fitzpatrick17k.csv")
-    raw.loc[0, "three_partition_label"] = "weird"
-    raw.to_csv(root / "fitzpatrick17k.csv", index=False)
-    raises(lambda: datasets.load_dataset("fitzpatrick", root), "'weird'", "three_partition_label")
-
-    root = layouts.write_fairvision(tmp_path / "v")
-    amd = pd.read_csv(root / "AMD/ReadMe/data_summary_amd.csv")
-    amd.loc[0, "amd"] = "purple"
-    amd.to_csv(root / "AMD/ReadMe/data_summary_amd.csv", index=False)
-    raises(lambda: datasets.load_dataset("fairvision", root), "'purple'", "amd")
+@pytest.mark.parametrize("dataset,csv,column,value,fragment", [
+    ("chexpert", "CheXpert-v1.0-small/train.csv", "Edema", 2, "-1, 0 or 1"),
+    ("fitzpatrick", "fitzpatrick17k.csv", "three_partition_label", "weird", "three_partition_label"),
+    ("fairvision", "AMD/ReadMe/data_summary_amd.csv", "amd", "purple", "amd"),
+])
+def test_bad_label_values_name_the_column(tmp_path, dataset, csv, column, value, fragment):
+    root = getattr(layouts, f"write_{dataset}")(tmp_path / dataset)
+    table = pd.read_csv(root / csv)
+    table.loc[0, column] = value
+    table.to_csv(root / csv, index=False)
+    raises(lambda: datasets.load_dataset(dataset, root), repr(str(value)) if isinstance(value, str) else repr(column), fragment)
 
 
 def test_bad_dataset_name_option_and_root(tmp_path):
