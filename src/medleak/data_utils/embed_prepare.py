@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from medleak import io_utils
-from medleak.cli import main_guard
+from medleak.cli import run_absl
 from medleak.data_utils import embed, records
 from medleak.errors import MedleakError
 
@@ -121,7 +121,6 @@ def _define_flags():
     flags.DEFINE_integer("num_workers", 8, "parallel conversions")
 
 
-@main_guard
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
@@ -132,7 +131,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    run_absl(main)

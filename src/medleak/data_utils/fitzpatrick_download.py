@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from medleak import io_utils
-from medleak.cli import main_guard
+from medleak.cli import run_absl
 from medleak.data_utils import records
 from medleak.data_utils.fitzpatrick import DOWNLOADED_CSV
 from medleak.errors import MedleakError
@@ -156,7 +156,6 @@ def _define_flags():
     flags.DEFINE_string("url_column", "url", "image URL column")
 
 
-@main_guard
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
@@ -168,7 +167,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    run_absl(main)

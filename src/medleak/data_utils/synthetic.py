@@ -31,7 +31,7 @@ from absl import flags
 from PIL import Image
 
 from medleak import io_utils
-from medleak.cli import main_guard
+from medleak.cli import run_absl
 from medleak.data_utils.chexpert import FINDINGS
 from medleak.errors import MedleakError
 
@@ -152,7 +152,6 @@ def _define_flags():
     flags.DEFINE_integer("n_planted", 5, "number of mislabelled (planted vulnerable) training patients")
 
 
-@main_guard
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
@@ -164,7 +163,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    run_absl(main)

@@ -8,9 +8,9 @@ the default, the help below), so defaults live only in the dataclass; `--logdir`
 import dataclasses
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from medleak.cli import main_guard
+from medleak.cli import run_absl
 from medleak.errors import MedleakError
 from medleak.privacy_utils.audit import AuditOptions, run_audit
 
@@ -75,4 +75,4 @@ def main_from_flags(argv, flag_values=flags.FLAGS) -> None:
 def main() -> None:
     """Console entry point `medleak-audit` (and `python mem_inf_stats.py`)."""
     define_audit_flags()
-    app.run(main_guard(main_from_flags))
+    run_absl(main_from_flags)

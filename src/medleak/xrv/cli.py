@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from medleak.cli import main_guard
+from medleak.cli import run_absl
 from medleak.data_utils.datasets import dataset_options
 from medleak.errors import MedleakError
 from medleak.privacy_utils.rmia import DEFAULT_GAMMA
@@ -63,7 +63,6 @@ def loader_options(dataset) -> dict:
     return {option: FLAGS[f"{dataset}_{option}"].value for option in dataset_options(dataset)}
 
 
-@main_guard
 def scores_main(argv):
     _refuse_arguments(argv)
     try:  # torch is optional for medleak: import it only here, so --help works without it
@@ -96,7 +95,6 @@ def define_attack_flags() -> None:
     _flag(real, "top_share", 0.01, "share of member patients counted as the most exposed in the composition tables")
 
 
-@main_guard
 def attack_main(argv):
     _refuse_arguments(argv)
     if not 0.0 < FLAGS.top_share <= 1.0:
@@ -113,9 +111,9 @@ def attack_main(argv):
 # Console entry points (pyproject.toml); the top-level xrv_scores.py / xrv_attack.py call them too.
 def scores() -> None:
     define_score_flags()
-    app.run(scores_main)
+    run_absl(scores_main)
 
 
 def attack() -> None:
     define_attack_flags()
-    app.run(attack_main)
+    run_absl(attack_main)
