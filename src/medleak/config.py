@@ -21,6 +21,8 @@ ACTIVATIONS = ("relu", "mish")  # resnet9's (small_cnn and the WRN use LeakyReLU
 # Smallest image side a model takes: resnet9 downsamples 32x (stem, max-pool, three strided stages).
 MIN_IMAGE_SIDE = {"resnet9": 64}
 DP_UNITS = ("record", "patient")
+OPTIMIZERS = ("sgd", "adam", "nadam")  # train_utils/optim.py
+FINETUNE = ("all", "head")  # with --init_from: train every parameter, or the classification head only
 # "auto" is resolved once, when a campaign's plan is made (train_utils.device.resolve_compute_dtype):
 # bfloat16 on accelerators that support it, float32 on CPU; plan.json records the resolved value.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
@@ -78,6 +80,21 @@ def check_choice(flag: str, value, choices) -> None:
         raise MedleakError(f"--{flag}={value!r} is not supported: use one of {', '.join(choices)}")
 
 
+def parse_pos_weight(text) -> tuple | str:
+    """--pos_weight as "none", "auto" or a tuple of positive floats; MedleakError naming the flag."""
+    text = str(text).strip()
+    if text in ("none", "auto"):
+        return text
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        weights = ()
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise MedleakError(f"--pos_weight={text!r}: give none, auto, or one positive weight per label "
+                           "separated by commas (e.g. 2.5,1,4)")
+    return weights
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: str = "wrn_28_2"
@@ -103,6 +120,13 @@ class TrainConfig:
     delta: float = 0.0  # 0 → dp.accounting.default_delta(n units) = 1/(n(1 + ln n)), fixed when the plan is made
     clip_norm: float = 1.0
     dp_unit: str = "record"  # "record" or "patient"
+    optimizer: str = "sgd"  # "sgd" (momentum, nesterov), "adam" or "nadam" (train_utils/optim.py)
+    # A model saved by medleak (…/model) to start from; "" starts from a random initialisation.
+    init_from: str = ""
+    finetune: str = "all"  # with init_from: "all" parameters or the "head" only
+    # BCE positive-class weights (multi-label): "none", "auto" (n_negative / n_positive per label of
+    # the WHOLE training table, resolved when the plan is made) or "w1,w2,…" one per label.
+    pos_weight: str = "none"
 
     @property
     def dp(self) -> bool:
@@ -142,6 +166,13 @@ class TrainConfig:
         check_choice("augment", self.augment, tuple(AUGMENT_PRESETS))
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         check_choice("dp_unit", self.dp_unit, DP_UNITS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("finetune", self.finetune, FINETUNE)
+        if self.nesterov and self.optimizer != "sgd":
+            raise MedleakError("--nesterov applies to --optimizer=sgd only (nadam is Adam with Nesterov momentum)")
+        if self.finetune != "all" and not self.init_from:
+            raise MedleakError(f"--finetune={self.finetune} needs --init_from=DIR (a model saved by medleak)")
+        parse_pos_weight(self.pos_weight)
         return self
 
     def to_dict(self) -> dict:

@@ -38,6 +38,13 @@ TRAIN_FLAG_HELP = {
     "delta": "DP-SGD delta (0 = 1/(n(1 + ln n)) for the n training units, strictly below 1/n; fixed in plan.json)",
     "clip_norm": "DP-SGD per-unit gradient clipping norm",
     "dp_unit": "DP unit: record (one image) or patient (all of a patient's images)",
+    "optimizer": "sgd (with --momentum/--nesterov), adam or nadam (DP_CXR: nadam, --learning_rate=2e-4 "
+                 "--weight_decay=0); the same warm-up/cosine schedule and decoupled weight decay for all",
+    "init_from": "start from a model saved by medleak (a …/model directory of --eval_only or --save_weights); "
+                 "labels it shares keep their head rows, new ones get a fresh head (docs/TRANSFER.md)",
+    "finetune": "with --init_from: train all parameters, or the classification head only (the rest frozen)",
+    "pos_weight": "BCE positive-class weights: none, auto (n_negative/n_positive per label over the WHOLE "
+                  "training table, treated as public and recorded in plan.json) or w1,w2,... one per label",
 }
 
 # CampaignConfig field → help. The flag type follows the field's default value.
@@ -78,6 +85,8 @@ def define_flags(dataset: str, flag_values=flags.FLAGS, help_module=None) -> Non
     define("skip_unreadable", False, "leave out (and list) records whose image is missing or cannot be "
            "decoded, instead of stopping with an error")
     define("workers_per_device", 1, "worker processes sharing one GPU (each takes that share of its memory)")
+    define("external_test", "", "also score every run on other datasets' test splits over the labels they share: "
+           "NAME:ROOT[,NAME:ROOT...] (e.g. mimic:/data/mimic); metrics.json's external_test")
     define("eval_only", False, "train one model on the whole training split and report its test metrics "
            "(written to <logdir>/eval_only)")
     for defaults, help_texts in ((CampaignConfig(), CAMPAIGN_FLAG_HELP), (train_defaults, TRAIN_FLAG_HELP)):

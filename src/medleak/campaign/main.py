@@ -98,7 +98,7 @@ class RunTrainer:
     """Everything one worker process needs to train runs: cached images and one compiled Trainer."""
 
     def __init__(self, train_table, test_table, train_config, data_root, *, expected_train_size: int,
-                 cache: CacheOptions = CacheOptions(), log=_log):
+                 cache: CacheOptions = CacheOptions(), log=_log, external_test: str = ""):
         from medleak.data_utils.image_cache import cached_images
 
         started = time.time()
@@ -117,6 +117,13 @@ class RunTrainer:
         self.trainer, self.dp = _build_trainer(train_config, train_images, self.train_labels, train_table,
                                                test_images, self.test_labels, expected_train_size)
         self.test_subgroups = {name: test_table.df[name].to_numpy() for name in test_table.subgroups}
+        self.external = None
+        if external_test:  # other datasets' test splits, scored by every run (evaluation/external.py)
+            from medleak.evaluation.external import ExternalTests, parse_external_tests
+
+            self.external = ExternalTests(parse_external_tests(external_test), train_table.label_names,
+                                          train_config.img_size, train_table.channels, cache_dir=cache.cache_dir,
+                                          batch_size=self.trainer.eval_batch_size)
 
     def train_and_infer(self, record_mask: np.ndarray, seed: int, checkpoints=None) -> dict:
         """Trains one model on the records where `record_mask` is True; returns the run's contents
@@ -157,6 +164,9 @@ class RunTrainer:
                             compile_seconds_total=dict(self.trainer.compile_seconds)),
             "dp": dp_summary,
         }
+        if self.external is not None:
+            metrics["external_test"] = self.external.metrics(self.trainer.model, model.eval_variables,
+                                                             self.config.augment)
         metrics.update(rundir.environment_info())
         return dict(train_logits=train_logits, train_labels=self.train_labels, record_mask=record_mask,
                     test_logits=test_logits, test_labels=self.test_labels, metrics=metrics, model=model)
@@ -170,8 +180,16 @@ class RunTrainer:
 
             save_model(directory / rundir.MODEL_DIR, contents["model"].eval_variables, config=self.trainer.config,
                        n_classes=self.trainer.n_classes, task=self.train_table.task,
-                       channels=self.trainer.images.shape[-1], label_names=self.train_table.label_names)
+                       channels=self.trainer.images.shape[-1], label_names=self.train_table.label_names,
+                       trained_on=_trained_on(self.train_table, contents["record_mask"]))
         return directory
+
+
+def _trained_on(train_table, record_mask) -> dict:
+    """The saved model's record of its training patients (train_utils/finetune.training_record)."""
+    from medleak.train_utils.finetune import training_record
+
+    return training_record(train_table.name, train_table.df["patient_id"].to_numpy()[np.asarray(record_mask)])
 
 
 def run_checkpoints(directory, campaign_config, log=_log):
@@ -192,25 +210,40 @@ def _build_trainer(config, train_images, train_labels, train_table, test_images,
     With --epsilon set, DP-SGD (src/medleak/dp) replaces the batch schedule (Poisson sampling of records or
     patients) and the gradient estimator (clip, sum, add noise); nothing else changes.
     """
-    from medleak.train_utils.training import Trainer, steps_per_epoch
+    from medleak.train_utils.training import Trainer, config_model, steps_per_epoch
 
+    initial = {}
+    if config.init_from:  # every run starts from the same pretrained weights (train_utils/finetune.py)
+        from medleak.train_utils.finetune import pretrained_initializer
+
+        initial["initial_variables"] = pretrained_initializer(
+            config, config_model(config, train_labels.shape[1]), train_labels.shape[1], train_table.label_names)
     if not config.dp:
         return Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
-                       expected_train_size=expected_train_size), None
+                       expected_train_size=expected_train_size, **initial), None
     from medleak.dp.estimator import DpTraining
 
     dp = DpTraining(config, train_table.df["patient_id"].astype(str).to_numpy(),
                     steps_per_epoch(expected_train_size, config.batch_size))
     trainer = Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
                       expected_train_size=expected_train_size, schedule_fn=dp.schedule_fn,
-                      gradient_estimator=dp.gradient_estimator)
+                      gradient_estimator=dp.gradient_estimator, **initial)
     return trainer, dp
 
 
+def check_init_from(train_config, dataset: str, train_table) -> None:
+    """--init_from: refused when the pretrained model saw this dataset or these patients."""
+    if train_config.init_from:
+        from medleak.train_utils.finetune import check_disjoint, load_pretrained
+
+        check_disjoint(load_pretrained(train_config), dataset, train_table.df["patient_id"].to_numpy())
+
+
 def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
-                 cache: CacheOptions = CacheOptions(), log=_log):
+                 cache: CacheOptions = CacheOptions(), log=_log, external_test: str = ""):
     """One worker of a shadow-model campaign; returns the WorkSummary when nothing is left to claim."""
     train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
+    check_init_from(train_config, dataset, train_table)
     queue = WorkQueue(logdir, lease_seconds=campaign_config.lease_seconds,
                       max_attempts=campaign_config.max_attempts)
     if train_config.dp:  # --delta=0: one delta for the campaign, fixed (in plan.json) when planned
@@ -218,7 +251,7 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
         train_config = campaign_delta(train_config, train_table.df["patient_id"].astype(str).to_numpy(),
                                       rundir.read_plan(logdir))
     # "auto" choices (the compute dtype) are made for this backend, or taken from an existing plan.
-    document = plan.plan_document(dataset, train_table, test_table, plan.resolve_backend_choices(train_config),
+    document = plan.plan_document(dataset, train_table, test_table, plan.resolve_train_config(train_config, train_table),
                                   campaign_config)
     stored, patient_mask, _ = prepare_campaign(queue, document, train_table, test_table, log=log,
                                                requested=train_config)
@@ -229,7 +262,8 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
     def run_trainer():
         # built on the first claim only: a worker with nothing to do never decodes or compiles
         return RunTrainer(train_table, test_table, train_config, data_root,
-                          expected_train_size=stored["schedule"]["expected_train_size"], cache=cache, log=log)
+                          expected_train_size=stored["schedule"]["expected_train_size"], cache=cache, log=log,
+                          external_test=external_test)
 
     def do_run(claim) -> Path:
         run_index = claim.run_index
@@ -247,16 +281,18 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
 
 
 def run_eval_only(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
-                  cache: CacheOptions = CacheOptions(), log=_log) -> dict:
+                  cache: CacheOptions = CacheOptions(), log=_log, external_test: str = "") -> dict:
     """Trains one model on the whole training split; prints and writes its test metrics.
 
     Written to `<logdir>/eval_only/` (same files as a run directory, and the model in `model/`;
     replaced on every call). Interrupted, it resumes from `<logdir>/checkpoints/eval_only/`.
     """
     train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
-    train_config = plan.resolve_backend_choices(train_config)  # recorded in metrics.json as trained
+    check_init_from(train_config, dataset, train_table)
+    train_config = plan.resolve_train_config(train_config, train_table)  # recorded in metrics.json as trained
     trainer = RunTrainer(train_table, test_table, train_config, data_root,
-                         expected_train_size=train_table.n_records, cache=cache, log=log)
+                         expected_train_size=train_table.n_records, cache=cache, log=log,
+                         external_test=external_test)
     checkpoints = run_checkpoints(Path(logdir) / rundir.CHECKPOINTS_DIR / EVAL_ONLY_DIR, campaign_config, log)
     contents = trainer.train_and_infer(np.ones(train_table.n_records, dtype=bool), campaign_config.seed,
                                        checkpoints)
@@ -306,6 +342,7 @@ def main_from_flags(dataset: str, argv) -> int:
         campaign_config=campaign_flags.campaign_config_from_flags(FLAGS),
         options=campaign_flags.loader_options_from_flags(dataset, FLAGS),
         cache=CacheOptions(FLAGS.cache_dir, FLAGS.cache_workers, FLAGS.skip_unreadable),
+        external_test=FLAGS.external_test,
     )
     if FLAGS.eval_only:
         run_eval_only(dataset, **kwargs)

@@ -233,7 +233,23 @@ def plan_document(dataset: str, train_table, test_table, train_config: TrainConf
         "task": train_table.task,
         "subgroups": list(train_table.subgroups),
         "channels": int(train_table.channels),
+        # --init_from: the pretrained weights every run starts from (an attacker knows them too)
+        **({"init_from": _init_from_summary(train_config)} if train_config.init_from else {}),
     }
+
+
+def _init_from_summary(train_config: TrainConfig) -> dict:
+    from medleak.train_utils.finetune import init_from_summary
+
+    return init_from_summary(train_config)
+
+
+def resolve_train_config(train_config: TrainConfig, train_table) -> TrainConfig:
+    """`resolve_backend_choices`, and --pos_weight=auto from the WHOLE training table's label
+    frequencies (public; train_utils/class_weights.py), as plan.json records them."""
+    from medleak.train_utils.class_weights import resolve_pos_weight
+
+    return resolve_pos_weight(resolve_backend_choices(train_config), train_table.labels(), train_table.task)
 
 
 def resolve_backend_choices(train_config: TrainConfig) -> TrainConfig:

@@ -36,9 +36,11 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # flax module and variable names: safe
 
 
 def save_model(directory, variables: dict, *, config: TrainConfig, n_classes: int, task: str, channels: int,
-               label_names=None) -> Path:
+               label_names=None, trained_on=None) -> Path:
     """Writes `variables` (e.g. `TrainedModel.eval_variables`) and the (resolved) `config` of a model
-    with `n_classes` outputs on `channels`-channel images into `directory`."""
+    with `n_classes` outputs on `channels`-channel images into `directory`; `trained_on`
+    (`finetune.training_record`: dataset name and a hash of its training patients) lets --init_from
+    refuse fine-tuning on the same patients."""
     directory = make_dirs(directory)
     entries = []
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
@@ -56,7 +58,7 @@ def save_model(directory, variables: dict, *, config: TrainConfig, n_classes: in
         "format": FORMAT, "version": VERSION, "train_config": config.to_dict(), "n_classes": int(n_classes),
         "task": task, "channels": int(channels),
         "label_names": None if label_names is None else [str(name) for name in label_names],
-        "variables": entries,
+        "variables": entries, "trained_on": trained_on,
     })
     return directory
 
@@ -71,6 +73,8 @@ class SavedModel:
     task: str
     channels: int
     label_names: list | None
+    trained_on: dict | None = None  # {"dataset", "n_patients", "patients_hash"} (finetune.training_record)
+    directory: Path | None = None
 
     def view_logits(self, images, n_views: int | None = None, batch_size: int | None = None) -> np.ndarray:
         """float32 (n, V, C) logits under the audit's evaluation views (default: the config's V)."""
@@ -122,7 +126,8 @@ def load_model(directory) -> SavedModel:
         raise MedleakError(f"{directory}: the saved variables do not fit the {config.model} model its "
                            f"model.json describes; the directory was changed after it was written")
     return SavedModel(model=model, variables=variables, config=config, task=document["task"],
-                      channels=int(document["channels"]), label_names=document["label_names"])
+                      channels=int(document["channels"]), label_names=document["label_names"],
+                      trained_on=document.get("trained_on"), directory=directory)
 
 
 def _leaf_shapes(tree) -> list:

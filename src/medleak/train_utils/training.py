@@ -96,12 +96,16 @@ def epoch_schedule(train_indices, rng: np.random.Generator, *, batch_size: int, 
 
 # --- 2. losses -----------------------------------------------------------------------------------
 
-def per_example_loss(logits, labels, task: str):
-    """(B,) softmax cross-entropy (multi-class) or sigmoid BCE averaged over labels (multi-label)."""
+def per_example_loss(logits, labels, task: str, pos_weight=None):
+    """(B,) softmax cross-entropy (multi-class) or sigmoid BCE averaged over labels (multi-label),
+    positives of label c weighted by pos_weight[c] when given (train_utils/class_weights.py)."""
     logits = logits.astype(jnp.float32)
     if task == "multiclass":
         return optax.softmax_cross_entropy(logits, labels)
-    return optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
+    if pos_weight is None:
+        return optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
+    weight = jnp.asarray(pos_weight, jnp.float32)
+    return (weight * labels * jax.nn.softplus(-logits) + (1 - labels) * jax.nn.softplus(logits)).mean(axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +114,21 @@ class ModelLoss:
 
     model: object
     task: str
+    pos_weight: tuple | None = None  # BCE positive-class weights (--pos_weight)
+    # params -> bool tree of the parameters trained (optim.trainable_mask); the others are constants
+    # of the loss, so their (per-example, DP-clipped) gradients are zero and take no share of the clip norm.
+    trainable: object = None
 
     def batch_losses(self, params, model_state, images, labels):
         """(B,) losses in training mode and the updated model state (BatchNorm statistics)."""
+        if self.trainable is not None:
+            params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, self.trainable(params))
         variables = {"params": params, **model_state}
         if model_state:
             logits, new_state = self.model.apply(variables, images, train=True, mutable=list(model_state))
         else:
             logits, new_state = self.model.apply(variables, images, train=True), model_state
-        return per_example_loss(logits, labels, self.task), new_state
+        return per_example_loss(logits, labels, self.task, self.pos_weight), new_state
 
     def example_loss(self, params, image, label):
         """Loss of one (H, W, C) image: vmap its gradient for per-example (DP) gradients."""
@@ -278,7 +288,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, train_images, train_labels, task: str, test_images=None,
                  test_labels=None, *, expected_train_size: int | None = None, schedule_fn=None,
-                 gradient_estimator=None, eval_batch_size: int | None = None, steps_per_call: int | None = None):
+                 gradient_estimator=None, eval_batch_size: int | None = None, steps_per_call: int | None = None,
+                 initial_variables=None):
         """
         Args:
           config: the TrainConfig every model of this Trainer uses.
@@ -322,7 +333,17 @@ class Trainer:
             self.test_images = self.test_labels = None
 
         self.model = config_model(config, self.n_classes)
-        self.model_loss = ModelLoss(self.model, task)
+        # --init_from: `initial_variables(key, sample) -> variables` replaces model.init (finetune.py)
+        if config.init_from and initial_variables is None:
+            raise MedleakError(f"--init_from={config.init_from}: build the Trainer with initial_variables from "
+                               "train_utils.finetune.pretrained_initializer")
+        self.initial_variables = initial_variables or functools.partial(self.model.init, train=False)
+        from medleak.train_utils.class_weights import pos_weight_values, resolve_pos_weight
+
+        config = self.config = resolve_pos_weight(config, train_labels, task)  # "auto": all N rows' labels
+        weights = pos_weight_values(config, self.n_classes)
+        self.model_loss = ModelLoss(self.model, task, None if weights is None else tuple(weights.tolist()),
+                                    None if config.finetune == "all" else functools.partial(optim.trainable_mask, config))
         self.expected_train_size = int(expected_train_size or self.n_train)
         self.steps_per_epoch = steps_per_epoch(self.expected_train_size, config.batch_size)
         self.schedule_fn = schedule_fn or functools.partial(
@@ -362,7 +383,7 @@ class Trainer:
 
         def init(seed):
             key = jax.random.fold_in(jax.random.key(seed), _INIT_STREAM)
-            variables = self.model.init(key, sample, train=False)
+            variables = dict(self.initial_variables(key, sample))
             params = variables.pop("params")
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
                               opt_state=optimizer.init(params),
