@@ -16,6 +16,7 @@ curves and the strongest attack come from seeded permutations of each patient's 
 """
 
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -27,18 +28,16 @@ import pandas as pd
 from medleak.errors import MedleakError
 from medleak.io_utils import write_csv, write_json
 from medleak.privacy_utils import figures, report
-from medleak.privacy_utils.attacks import attack_targets
+from medleak.privacy_utils.calibrated import LOSS_THRESHOLD, FittedCampaign, campaign_noise_floors, fit_campaign
 from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, delong_components,
-                                               group_differences, patient_codes, patient_mask_from_records,
-                                               patient_rank_risk, patient_summaries, plan_runs, record_rank_risk,
-                                               record_summaries)
+                                               group_differences, plan_runs)
 from medleak.privacy_utils.load import read_campaign_files
-from medleak.privacy_utils.noise_floor import AUC_GRID, DEFAULT_PERMUTATIONS, share_floor, strongest_attack_floor
+from medleak.privacy_utils.noise_floor import AUC_GRID, DEFAULT_PERMUTATIONS
 from medleak.privacy_utils.progress import Stages
-from medleak.privacy_utils.risk import RISK_THRESHOLDS, patient_risk, record_auc, require_in_and_out, share_above
+from medleak.privacy_utils.risk import RISK_THRESHOLDS, patient_risk, require_in_and_out, share_above
 from medleak.privacy_utils.rmia import DEFAULT_GAMMA, DEFAULT_POPULATION
 from medleak.privacy_utils.roc import FPR_GRID, summarise_attack
-from medleak.privacy_utils.scores import log_p_from_lira, rmia_from_lira
+from medleak.privacy_utils.scores import rmia_from_lira
 from medleak.privacy_utils.scoring import score_campaign
 from medleak.privacy_utils.subgroups import (TOP_SHARE, composition, patient_attributes, privacy_by_subgroup,
                                              record_label_text, utility_by_subgroup)
@@ -187,22 +186,34 @@ class AuditResult:
     target_masks: np.ndarray  # (n_targets, n_records) bool: the targets' true membership
 
 
-def record_risk_tables(campaign, options: AuditOptions) -> RiskTables:
+def audit_fit(campaign, options: AuditOptions) -> FittedCampaign:
+    """The campaign's `calibrated.FittedCampaign` (one fit behind risk, attacks and noise floor); with
+    the score cache, its record summary and shadow fits are stored with the scores and reused."""
+    n_in = campaign.masks.sum(axis=0)  # first, to name the record (fit_campaign can only give its index)
+    require_in_and_out(n_in, campaign.n_runs - n_in, campaign.records["record_id"].to_numpy(), what=f"{campaign.n_runs} runs")
+    cache = None
+    if getattr(campaign, "cache", None) is not None:
+        store, key = campaign.cache
+        cache = functools.partial(store.derived, key)
+    return fit_campaign(campaign.scores, campaign.masks, campaign.records["patient_id"].to_numpy(),
+                        rmia_trim=options.rmia_trim, rmia_transform=rmia_from_lira, cache=cache)
+
+
+def record_risk_tables(campaign, options: AuditOptions, fitted: FittedCampaign | None = None) -> RiskTables:
     """The risk step: each record and each patient ranked IN against OUT over all runs.
 
     record_risk.csv: `auc` (rank AUC, not clipped), `auc_se`, `p_value` (exact rank null),
     `q_value` (BH over records), `at_risk`, and `auc_gaussian` (the paper's analytic
-    Φ((μ_in−μ_out)/√(σ_in²+σ_out²)) from IN/OUT moments, with `auc_gaussian_se`).
+    Φ((μ_in−μ_out)/√(σ_in²+σ_out²)) from the LiRA fit's IN/OUT moments, with `auc_gaussian_se`).
     patient_risk.csv: the patient-level statistic (`auc`, `auc_se`, `p_value`, `q_value`, `at_risk`)
     and, for comparison with the paper, `auc_max` / `auc_mean` over the patient's records' `auc_gaussian`.
+    `fitted`: the campaign's `audit_fit` (made here when not given).
     """
     records = campaign.records
-    n_in = campaign.masks.sum(axis=0)
-    require_in_and_out(n_in, campaign.n_runs - n_in, records["record_id"].to_numpy(), what=f"{campaign.n_runs} runs")
+    fitted = audit_fit(campaign, options) if fitted is None else fitted
     thresholds = dict(alpha=options.fdr, auc_threshold=options.risk_auc)
-    record_summary = record_summaries(campaign.scores)
-    ranked = record_rank_risk(None, campaign.masks, record_summary=record_summary, **thresholds)
-    gaussian_auc, gaussian_se = record_auc(campaign.scores, campaign.masks)
+    ranked = fitted.record_risk(**thresholds)
+    gaussian_auc, gaussian_se = fitted.record_auc_gaussian()
     record_table = pd.DataFrame({
         "record_id": records["record_id"], "patient_id": records["patient_id"],
         "auc": ranked["auc"].to_numpy(), "auc_se": ranked["auc_se"].to_numpy(), "p_value": ranked["p_value"].to_numpy(),
@@ -217,9 +228,8 @@ def record_risk_tables(campaign, options: AuditOptions) -> RiskTables:
         record_table["path"] = records["path"].to_numpy()
 
     patient_ids = records["patient_id"].to_numpy()
-    ids, codes = patient_codes(patient_ids)
-    patient_mask = patient_mask_from_records(campaign.masks, codes, len(ids))
-    calibrated = patient_rank_risk(None, campaign.masks, patient_ids, record_summary=record_summary, **thresholds)
+    _, codes, patient_mask = fitted.patients
+    calibrated = fitted.patient_risk(**thresholds)
     paper = patient_risk(gaussian_auc, patient_ids).set_index("patient_id")[["auc_max", "auc_mean"]]
     patients = calibrated.join(paper, on="patient_id")[
         ["patient_id", "auc", "auc_se", "p_value", "q_value", "at_risk", "auc_max", "auc_mean", "n_records", "n_in", "n_out"]]
@@ -227,26 +237,27 @@ def record_risk_tables(campaign, options: AuditOptions) -> RiskTables:
     patients = patients.iloc[order].reset_index(drop=True)
     attributes = patient_attributes(records, patients["patient_id"], campaign.subgroups, campaign.label_names, campaign.task)
     patient_table = patients.join(attributes[campaign.subgroups], on="patient_id") if campaign.subgroups else patients
-    return RiskTables(record_table, patient_table, attributes, record_summary,
-                      patient_summaries(record_summary, codes, len(ids)), patient_mask, codes)
+    return RiskTables(record_table, patient_table, attributes, fitted.record_summary, fitted.patient_summary,
+                      patient_mask, codes)
 
 
-def attack_suite(campaign, options: AuditOptions, targets=None) -> Attacks:
+def attack_suite(campaign, options: AuditOptions, targets=None, fitted: FittedCampaign | None = None) -> Attacks:
     """The attack step: every attack against the held-out targets (rows `targets` of the campaign,
-    default the last `n_targets`), each target with its own leave-one-out shadows."""
+    default the last `n_targets`), each target with its own leave-one-out shadows, from the
+    campaign's fits (`fitted`, default `audit_fit`)."""
     scores, masks = campaign.scores, campaign.masks
     if targets is None:
         targets = np.arange(campaign.n_runs - n_targets(campaign.n_runs, options.eval_size), campaign.n_runs)
     target_masks = masks[targets]
+    fitted = audit_fit(campaign, options) if fitted is None else fitted
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        by_variant = attack_targets(scores, masks, targets, variant=list(ATTACK_VARIANTS.values()),
-                                    drop_seed=options.seed, rmia_transform=rmia_from_lira, trim=options.rmia_trim,
-                                    gamma=options.rmia_gamma, n_population=options.rmia_population,
-                                    population_seed=options.seed)
+        by_variant = fitted.attack(targets, list(ATTACK_VARIANTS.values()) + [LOSS_THRESHOLD], drop_seed=options.seed,
+                                   gamma=options.rmia_gamma, n_population=options.rmia_population,
+                                   population_seed=options.seed)
         attack_scores = {name: by_variant[variant] for name, variant in ATTACK_VARIANTS.items()}
         # Global loss threshold (Yeom et al.): the target's own log-likelihood, no shadow models.
-        attack_scores["Loss threshold"] = log_p_from_lira(scores[targets]).mean(axis=2)
+        attack_scores["Loss threshold"] = by_variant[LOSS_THRESHOLD]
         results = {name: summarise_attack(values, target_masks) for name, values in attack_scores.items()}
     messages = sorted({str(w.message) for w in caught})
     for message in messages:
@@ -274,39 +285,45 @@ def cached_result(campaign, name, settings, options: AuditOptions, compute):
 def noise_floors(risk: RiskTables, attacks: Attacks, options: AuditOptions, on_permutation=None) -> dict:
     """The noise-floor step: what the headlines look like when nothing leaks, from seeded
     permutations of each patient's IN/OUT bits (`noise_floor`); JSON-ready, seeds included."""
-    common = dict(thresholds=RISK_THRESHOLDS, alpha=options.fdr, auc_threshold=options.risk_auc,
-                  n_permutations=options.permutations, on_permutation=on_permutation)
-    floors = {
-        "patients": share_floor(risk.patient_summary, risk.patient_mask, seed=options.seed, **common),
-        "records": share_floor(risk.record_summary, risk.patient_mask, risk.record_patient, seed=options.seed + 1, **common),
-    }
-    for floor in floors.values():  # JSON keys, as in the summary's other share_above tables
-        floor["share_above"] = {f"{t:g}": v for t, v in floor["share_above"].items()}
-    return {
-        **floors,
-        "strongest_attack": strongest_attack_floor(attacks.scores, attacks.target_masks,
-                                                   risk.record_table["patient_id"].to_numpy(),
-                                                   n_permutations=options.permutations, seed=options.seed + 2,
-                                                   on_permutation=on_permutation),
-    }
+    floors = campaign_noise_floors(risk.record_summary, risk.patient_summary, risk.patient_mask, risk.record_patient,
+                                   attack_scores=attacks.scores, target_masks=attacks.target_masks, alpha=options.fdr,
+                                   auc_threshold=options.risk_auc, thresholds=RISK_THRESHOLDS,
+                                   n_permutations=options.permutations, seed=options.seed, on_permutation=on_permutation)
+    for unit in ("patients", "records"):  # JSON keys, as in the summary's other share_above tables
+        floors[unit]["share_above"] = {f"{t:g}": v for t, v in floors[unit]["share_above"].items()}
+    return floors
 
 
-def run_planner(risk: RiskTables, target_se: float) -> dict:
+PLANNER_MAX_UNITS = 20_000  # the planner predicts a median SE: a seeded sample of this many units is plenty
+
+
+def run_planner(risk: RiskTables, target_se: float, seed: int = 0) -> dict:
     """How many runs give `target_se` for the median record's and patient's AUC, from this
-    campaign's own DeLong variance components (the share of runs a patient is IN for is kept)."""
+    campaign's own DeLong variance components (the share of runs a patient is IN for is kept).
+
+    Above PLANNER_MAX_UNITS records (patients) the components come from a uniform sample of that
+    many, drawn with default_rng([seed, 0]) (patients: [seed, 1]); `n_units` and `sample_seed`
+    say so in the result."""
     share_in = float(risk.patient_mask.sum(axis=0).mean() / risk.patient_mask.shape[0])
 
     def runs_in(n):
         return int(math.floor(share_in * n + 0.5))
 
     out = {}
-    for unit, summaries, mask in (("records", risk.record_summary, risk.patient_mask[:, risk.record_patient]),
-                                  ("patients", risk.patient_summary, risk.patient_mask)):
-        var_in, var_out = delong_components(summaries, mask)
+    for stream, (unit, summaries, unit_patient) in enumerate((
+            ("records", risk.record_summary, risk.record_patient),
+            ("patients", risk.patient_summary, np.arange(risk.patient_mask.shape[1])))):
+        n_units = summaries.shape[1]
+        sample, sample_seed = slice(None), None
+        if n_units > PLANNER_MAX_UNITS:
+            sample_seed = [int(seed), stream]
+            sample = np.sort(np.random.default_rng(sample_seed).choice(n_units, PLANNER_MAX_UNITS, replace=False))
+        var_in, var_out = delong_components(np.asarray(summaries[:, sample]), risk.patient_mask[:, unit_patient[sample]])
         try:
             out[unit] = plan_runs(var_in, var_out, target_se, runs_in=runs_in)
         except MedleakError as e:  # too few runs for variance components: say so instead of planning
             out[unit] = {"n_runs": None, "target_se": float(target_se), "note": str(e)}
+        out[unit].update(n_units=int(min(n_units, PLANNER_MAX_UNITS)), sample_seed=sample_seed)
     return out
 
 
@@ -493,10 +510,11 @@ def audit_campaign(campaign, options: AuditOptions) -> AuditResult:
     targets = np.arange(campaign.n_runs - n_targets(campaign.n_runs, options.eval_size), campaign.n_runs)
     out_dir = make_out_dir(options, Path("figs") / dataset)
     stages = Stages(options.progress)
+    fitted = audit_fit(campaign, options)
     with stages.stage("risk"):
-        risk = record_risk_tables(campaign, options)
+        risk = record_risk_tables(campaign, options, fitted)
     with stages.stage("attacks"):
-        attacks = attack_suite(campaign, options, targets)
+        attacks = attack_suite(campaign, options, targets, fitted)
     with stages.stage("noise floor", total=3 * options.permutations, unit="permutation") as bar:
         floors = cached_result(campaign, "noise_floor", FLOOR_SETTINGS, options,
                                lambda: noise_floors(risk, attacks, options, on_permutation=bar.update))
@@ -511,7 +529,7 @@ def audit_campaign(campaign, options: AuditOptions) -> AuditResult:
             if grid is not None:
                 figs["vulnerable_images"] = grid
     with stages.stage("planner and report"):
-        summary = audit_summary(campaign, dataset, risk, attacks, groups, floors, run_planner(risk, options.target_se), options)
+        summary = audit_summary(campaign, dataset, risk, attacks, groups, floors, run_planner(risk, options.target_se, options.seed), options)
         write_json(out_dir / "attack_summary.json", summary)
         summary["report"] = str(report.audit_page(out_dir, summary, attacks.results, risk.patient_table, groups.privacy,
                                                   groups.utility, figs, slugs, unreadable))

@@ -9,7 +9,9 @@ is needed and then reused:
     for LiRA; trimmed means of `rmia_transform(scores)` for RMIA), behind every per-target attack.
 
 So the expensive passes over the (n_models, n_records, n_views) array happen once however many
-statistics, targets and variants are asked for. The methods call the same functions, with the same
+statistics, targets and variants are asked for. With `cache` (the audit passes its score cache's
+`derived`), the record summary and both fits are stored as arrays next to the scores and read back
+by later audits of the same runs instead of being recomputed. The methods call the same functions, with the same
 defaults and seeds, as the audit's steps (`audit.record_risk_tables`, `attack_suite`, `noise_floors`).
 
 `scores` are LiRA scores (`scores.lira_scores`: log-odds of the correct label); RMIA reads
@@ -33,7 +35,7 @@ from medleak.privacy_utils.risk import (RISK_THRESHOLDS, check_scores_masks, rec
                                         require_in_and_out)
 from medleak.privacy_utils.rmia import DEFAULT_GAMMA, DEFAULT_POPULATION
 from medleak.privacy_utils.scores import log_p_from_lira, rmia_from_lira
-from medleak.privacy_utils.shadows import fit_shadows
+from medleak.privacy_utils.shadows import fit_arrays, fit_from_arrays, fit_shadows
 
 RMIA_TRIM = 0.1  # trimmed-mean fraction of RMIA's reference means: the audit's --rmia_trim default
 LOSS_THRESHOLD = "loss_threshold"  # Yeom et al.: the target's own log-likelihood, no shadow models
@@ -51,16 +53,19 @@ def loss_threshold_scores(scores, target_indices):
 
 def campaign_noise_floors(record_summary, patient_summary, patient_mask, record_patient, *, attack_scores=None,
                           target_masks=None, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD,
-                          thresholds=RISK_THRESHOLDS, n_permutations=DEFAULT_PERMUTATIONS, seed=DEFAULT_SEED):
+                          thresholds=RISK_THRESHOLDS, n_permutations=DEFAULT_PERMUTATIONS, seed=DEFAULT_SEED,
+                          on_permutation=None):
     """The campaign's noise floor: `noise_floor.share_floor` of patients (seed) and of records
     (seed + 1), and with attacks `strongest_attack_floor` (seed + 2) — the audit's seeds.
 
     record_summary (n_models, n_records), patient_summary (n_models, n_patients) float;
     patient_mask (n_models, n_patients) bool; record_patient (n_records,) int index of each record's
     patient; attack_scores {name: (n_targets, n_records)} with target_masks (n_targets, n_records).
+    `on_permutation()` is called once per permutation of each floor (a progress bar).
     Returns {"patients": …, "records": …[, "strongest_attack": …]} (share_above keyed by float threshold).
     """
-    common = dict(thresholds=thresholds, alpha=alpha, auc_threshold=auc_threshold, n_permutations=n_permutations)
+    common = dict(thresholds=thresholds, alpha=alpha, auc_threshold=auc_threshold, n_permutations=n_permutations,
+                  on_permutation=on_permutation)
     floors = {
         "patients": share_floor(patient_summary, patient_mask, seed=seed, **common),
         "records": share_floor(record_summary, patient_mask, record_patient, seed=seed + 1, **common),
@@ -69,7 +74,8 @@ def campaign_noise_floors(record_summary, patient_summary, patient_mask, record_
         if target_masks is None:
             raise MedleakError("the strongest-attack noise floor needs the targets' masks with the attack scores")
         floors["strongest_attack"] = strongest_attack_floor(attack_scores, target_masks, np.asarray(record_patient),
-                                                            n_permutations=n_permutations, seed=seed + 2)
+                                                            n_permutations=n_permutations, seed=seed + 2,
+                                                            on_permutation=on_permutation)
     return floors
 
 
@@ -83,26 +89,34 @@ class FittedCampaign:
     patient_ids: np.ndarray = dataclasses.field(repr=False)  # (n_records,)
     rmia_trim: float = RMIA_TRIM
     rmia_transform: typing.Callable | None = rmia_from_lira
+    # (name, compute) → {array name: array}: compute() once per set of scores, stored (`cache.ScoreCache.derived`)
+    cache: typing.Callable | None = dataclasses.field(default=None, repr=False)
 
     @property
     def n_models(self) -> int:
         return self.masks.shape[0]
 
+    def _arrays(self, name, compute):
+        return compute() if self.cache is None else self.cache(name, compute)
+
     @functools.cached_property
     def record_summary(self) -> np.ndarray:
         """(n_models, n_records) float32 `calibration.record_summaries`."""
-        return record_summaries(self.scores)
+        return self._arrays("record_summary", lambda: {"summary": record_summaries(self.scores)})["summary"]
 
     @functools.cached_property
     def lira_fit(self):
         """`shadows.fit_shadows` with medians (LiRA variants)."""
-        return fit_shadows(self.scores, self.masks)
+        arrays = self._arrays("lira_fit", lambda: fit_arrays(fit_shadows(self.scores, self.masks)))
+        return fit_from_arrays(self.scores, self.masks, arrays)
 
     @functools.cached_property
     def rmia_fit(self):
         """`shadows.fit_shadows` of rmia_transform(scores) with trimmed means (RMIA variants)."""
-        return fit_shadows(self.scores, self.masks, medians=False, trim=self.rmia_trim or None,
-                           transform=self.rmia_transform)
+        options = dict(medians=False, trim=self.rmia_trim or None, transform=self.rmia_transform)
+        name = f"rmia_fit-{getattr(self.rmia_transform, '__name__', 'none')}-trim{self.rmia_trim:g}"
+        arrays = self._arrays(name, lambda: fit_arrays(fit_shadows(self.scores, self.masks, **options)))
+        return fit_from_arrays(self.scores, self.masks, arrays, **options)
 
     @functools.cached_property
     def patients(self):
@@ -124,16 +138,16 @@ class FittedCampaign:
     def patient_risk(self, *, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD) -> pd.DataFrame:
         """`calibration.patient_rank_risk` (patients in order of first appearance, not sorted)."""
         return patient_rank_risk(None, self.masks, self.patient_ids, record_summary=self.record_summary,
-                                 alpha=alpha, auc_threshold=auc_threshold)
+                                 patient_summary=self.patient_summary, alpha=alpha, auc_threshold=auc_threshold)
 
     def record_auc_gaussian(self):
         """The paper's Gaussian record AUC and its SE (`risk.record_auc`: biased above 0.5 under the
         null), from the LiRA fit's IN/OUT moments over all models (no further pass over the scores)."""
         fit = self.lira_fit
         moments = {"n_in": fit.n_in, "n_out": fit.n_out}
-        for group, count in (("in", fit.n_in), ("out", fit.n_out)):
+        for group in ("in", "out"):  # the fit's own moments: the numbers `risk.in_out_moments` gives
             moments[f"mean_{group}"] = fit.groups[group]["mean"]
-            moments[f"sd_{group}"] = np.sqrt(fit.groups[group]["m2"] / count[:, None])
+            moments[f"sd_{group}"] = fit.groups[group]["sd"]
         return record_auc_from_moments(moments)
 
     def attack(self, target_indices, variants=ATTACK_VARIANTS, *, drop_seed=0, gamma=DEFAULT_GAMMA,
@@ -179,13 +193,15 @@ class FittedCampaign:
                                      n_permutations=n_permutations, seed=seed)
 
 
-def fit_campaign(scores, masks, patient_ids=None, *, rmia_trim=RMIA_TRIM, rmia_transform=rmia_from_lira) -> FittedCampaign:
+def fit_campaign(scores, masks, patient_ids=None, *, rmia_trim=RMIA_TRIM, rmia_transform=rmia_from_lira,
+                 cache=None) -> FittedCampaign:
     """A `FittedCampaign` of LiRA `scores` (n_models, n_records, n_views) (2-D = one view) and bool
     `masks` (n_models, n_records) over all the campaign's models; `patient_ids` (n_records,)
     (default: every record its own patient; a patient's records must be IN and OUT together).
 
     Checks shapes and that every record has at least one IN and one OUT model (one-line
-    MedleakError otherwise); the fits themselves are made when first needed.
+    MedleakError otherwise); the fits themselves are made when first needed. `cache`: see
+    `FittedCampaign.cache` (the audit's score cache; None: nothing stored).
     """
     scores, masks = check_scores_masks(scores, masks)
     n_in = masks.sum(axis=0)
@@ -196,6 +212,6 @@ def fit_campaign(scores, masks, patient_ids=None, *, rmia_trim=RMIA_TRIM, rmia_t
     patient_ids = np.arange(n_records) if patient_ids is None else np.asarray(patient_ids)
     if patient_ids.shape != (n_records,):
         raise MedleakError(f"patient_ids has shape {patient_ids.shape}; it needs one id per record ({n_records},)")
-    fitted = FittedCampaign(scores, masks, patient_ids, rmia_trim, rmia_transform)
+    fitted = FittedCampaign(scores, masks, patient_ids, rmia_trim, rmia_transform, cache)
     fitted.patients  # a patient whose records disagree on IN/OUT: say so now, not at the first patient statistic
     return fitted

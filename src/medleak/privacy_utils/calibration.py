@@ -259,6 +259,26 @@ def benjamini_hochberg(p_values):
     return stats.false_discovery_control(p_values, method="bh")
 
 
+def bh_rejections(p_values, alpha=DEFAULT_ALPHA):
+    """`benjamini_hochberg(p_values) <= alpha` (bool), sorting only the p-values ≤ alpha.
+
+    A q-value is at least its p-value, so only p ≤ alpha can be rejected; those are the smallest
+    ones, whose ranks among all are their ranks among themselves, and a larger p contributes a
+    value p·n/rank > alpha to the running minimum. Same arithmetic as scipy's BH (p·(n/rank), then
+    the running minimum from the largest), so the result is identical; the noise floor calls it
+    once per permutation.
+    """
+    p_values = np.asarray(p_values, dtype=np.float64)
+    candidates = np.flatnonzero(p_values <= alpha)
+    rejected = np.zeros(p_values.shape, dtype=bool)
+    if candidates.size:
+        order = np.argsort(p_values[candidates])
+        q = p_values[candidates][order] * (p_values.size / np.arange(1, candidates.size + 1, dtype=np.float64))
+        np.minimum.accumulate(q[::-1], out=q[::-1])
+        rejected[candidates[order]] = q <= alpha
+    return rejected
+
+
 def flag_at_risk(auc, q_value, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD):
     """at_risk: significant after FDR control (q ≤ alpha) and auc ≥ auc_threshold; bool array."""
     return (np.asarray(q_value) <= alpha) & (np.asarray(auc) >= auc_threshold)
@@ -342,12 +362,13 @@ def _risk_frame(ids, result, alpha, auc_threshold):
 
 
 def patient_rank_risk(scores, masks, patient_ids, *, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD,
-                      record_summary=None):
+                      record_summary=None, patient_summary=None):
     """Patient-level membership risk: one number per patient and model, IN ranked against OUT.
 
     scores: (n_models, n_records, n_views) float (ignored when `record_summary` is given);
     masks: (n_models, n_records) bool (a patient's records must agree); patient_ids: (n_records,).
-    record_summary: optional precomputed `record_summaries(scores)` (n_models, n_records).
+    record_summary: optional precomputed `record_summaries(scores)` (n_models, n_records);
+    patient_summary: optional precomputed `patient_summaries` of it (patients in `patient_codes` order).
 
     Returns a DataFrame in order of first appearance of each patient with columns patient_id,
     auc, auc_se (Hanley–McNeil), null_sd, p_value (exact one-sided rank null), q_value
@@ -360,7 +381,7 @@ def patient_rank_risk(scores, masks, patient_ids, *, alpha=DEFAULT_ALPHA, auc_th
     masks = np.asarray(masks, dtype=bool)
     if masks.shape != record_summary.shape:
         raise MedleakError(f"masks {masks.shape} must be (n_models, n_records) like the scores {record_summary.shape}")
-    summary = patient_summaries(record_summary, codes, len(ids))
+    summary = patient_summaries(record_summary, codes, len(ids)) if patient_summary is None else patient_summary
     result = rank_auc(summary, patient_mask_from_records(masks, codes, len(ids)))
     frame = _risk_frame(ids, result, alpha, auc_threshold)
     frame["n_records"] = np.bincount(codes, minlength=len(ids))

@@ -25,14 +25,15 @@ import numpy as np
 from scipy import stats
 
 from medleak.errors import MedleakError
-from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UNIT_CHUNK, benjamini_hochberg,
-                                               check_summaries, flag_at_risk, patient_codes,
+from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UNIT_CHUNK,
+                                               bh_rejections, check_summaries, patient_codes,
                                                patient_mask_from_records, p_value_lookup, rank_auc)
 from medleak.privacy_utils.risk import RISK_THRESHOLDS, n_threads
 
 DEFAULT_PERMUTATIONS = 200
 DEFAULT_SEED = 0
 AUC_GRID = np.round(np.linspace(0.5, 1.0, 51), 4)
+RANK_SUM_BLOCK = 512  # units per block of `rank_sums`: 512 × 200 float32 × 2 arrays ≈ 0.8 MB, in cache
 
 
 def permute_patient_mask(patient_mask, rng):
@@ -40,7 +41,7 @@ def permute_patient_mask(patient_mask, rng):
     uniformly random subset of the same size (in distribution, its column shuffled across models).
 
     Per patient, uniform noise over the models; the models whose noise is among the patient's
-    count smallest are IN (one sort of float64 noise: about twice as fast as shuffling the columns).
+    count smallest are IN (a partition of float64 noise: faster than shuffling the columns).
     """
     patient_mask = np.asarray(patient_mask, dtype=bool)
     n_models, n_patients = patient_mask.shape
@@ -48,11 +49,26 @@ def permute_patient_mask(patient_mask, rng):
 
 
 def _relabel(counts, noise):
-    """`permute_patient_mask` given the patients' IN counts and the (n_patients, n_models) noise."""
-    n_patients = noise.shape[0]
-    kth = np.sort(noise, axis=1)[np.arange(n_patients), np.maximum(counts - 1, 0)]
-    threshold = np.where(counts > 0, kth, -1.0)
-    return (noise <= threshold[:, None]).T
+    """`permute_patient_mask` given the patients' IN counts and the (n_patients, n_models) noise.
+
+    A patient's IN models are those whose noise is at most its count-th smallest value, found by a
+    partition (O(n_models) per patient) among the patients of each IN count (the exact-k plan has
+    one count, so one partition of the whole array, no copy).
+    """
+    return _relabel_patients(counts, noise).T
+
+
+def _relabel_patients(counts, noise):
+    """`_relabel` as (n_patients, n_models) bool (the layout the rank sums read)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    threshold = np.full(noise.shape[0], -1.0)  # a patient IN for no model: below every noise value
+    for count in np.unique(counts[counts > 0]):
+        if np.all(counts == count):
+            threshold[:] = np.partition(noise, count - 1, axis=1)[:, count - 1]
+        else:
+            rows = np.flatnonzero(counts == count)
+            threshold[rows] = np.partition(noise[rows], count - 1, axis=1)[:, count - 1]
+    return noise <= threshold[:, None]
 
 
 def _shares_above(values, grid):
@@ -93,7 +109,8 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     summaries: (n_models, n_units) float per-model summaries (`calibration.patient_summaries` for
     patients, `calibration.record_summaries` for records); patient_mask: (n_models, n_patients) bool;
     unit_patient: (n_units,) int index of each unit's patient into the mask columns (None: the
-    units are the patients). Cost per permutation: one masked sum over (n_models, n_units), on
+    units are the patients). Cost per permutation: a partition of the patients' noise, one rank sum
+    per unit (`rank_sums`) and BH over the p-values ≤ alpha (`calibration.bh_rejections`), on
     `threads` threads (default `risk.n_threads()`; the result does not depend on it);
     `on_permutation()` is called as each permutation is started (a progress bar).
 
@@ -112,15 +129,18 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     thresholds = tuple(float(t) for t in thresholds)
     observed = rank_auc(summaries, masks)
     tied, n_in, n_out = observed["tied"], observed["n_in"], observed["n_out"]
-    ranks = _midranks(summaries)
+    # (n_units, n_models) float32 midranks, each unit's row contiguous: a relabelling's rank sums are
+    # row-wise dot products with the unit's patient's row of the permuted mask, taken in blocks of
+    # units that stay in cache (the expanded (n_models, n_units) mask is never materialised).
+    ranks = np.ascontiguousarray(_midranks(summaries).T)
     offset = n_in * (n_in + 1)
     scale = 2.0 * n_in * n_out
     p_values = p_value_lookup(n_in, n_out, tied, summaries)
 
     def headlines(u2):
         auc = u2 / scale
-        q = benjamini_hochberg(p_values(u2))
-        return _shares_above(auc, grid), _shares_above(auc, np.asarray(thresholds)), flag_at_risk(auc, q, alpha, auc_threshold).mean()
+        at_risk_share = (bh_rejections(p_values(u2), alpha) & (auc >= auc_threshold)).mean()  # = flag_at_risk
+        return _shares_above(auc, grid), _shares_above(auc, np.asarray(thresholds)), at_risk_share
 
     rng = np.random.default_rng(seed)
     curves = np.empty((n_permutations, grid.size))
@@ -129,9 +149,8 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     counts = patient_mask.sum(axis=0)
 
     def permutation(b, noise):
-        permuted = _relabel(counts, noise)[:, unit_patient]
-        # float32 is exact here: midranks are multiples of ½ and their sums stay below 2²⁴
-        u2 = np.rint(2.0 * np.einsum("mu,mu->u", ranks, permuted.astype(np.float32)) - offset).astype(np.int64)
+        permuted = _relabel_patients(counts, noise).astype(np.float32)  # (n_patients, n_models)
+        u2 = np.rint(2.0 * rank_sums(ranks, permuted, unit_patient) - offset).astype(np.int64)
         curves[b], at_threshold[b], at_risk[b] = headlines(u2)
 
     # The noise is drawn in order from one generator (the same permutations as one thread would
@@ -162,6 +181,18 @@ def _midranks(summaries, chunk=UNIT_CHUNK):
     for a in range(0, summaries.shape[1], chunk):
         ranks[:, a:a + chunk] = stats.rankdata(summaries[:, a:a + chunk].astype(np.float64), axis=0)
     return ranks
+
+
+def rank_sums(ranks, patient_rows, unit_patient, block=RANK_SUM_BLOCK):
+    """Per unit u: Σ_m ranks[u, m] · patient_rows[unit_patient[u], m], float32 (n_units,).
+
+    ranks: (n_units, n_models) float32; patient_rows: (n_patients, n_models) float32 0/1. Exact for
+    midranks (multiples of ½, sums below 2²⁴), so the order of the additions does not matter.
+    """
+    out = np.empty(ranks.shape[0], dtype=np.float32)
+    for a in range(0, ranks.shape[0], block):
+        out[a:a + block] = np.einsum("um,um->u", ranks[a:a + block], patient_rows[unit_patient[a:a + block]])
+    return out
 
 
 def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permutations=DEFAULT_PERMUTATIONS,

@@ -47,7 +47,7 @@ class ShadowFit:
     `scores`/`masks` are the caller's arrays (not copied): a target's own observations and the
     dropped shadows' values are read from them. `member_order` (n_models, n_records) lists each
     record's IN models (ascending) then its OUT models. `groups[g][name]` holds (n_records, n_views)
-    arrays for g in ("in", "out"): `mean`, `m2` (float64), `lo, lo_next, hi, hi_next` (sorted-row
+    arrays for g in ("in", "out"): `mean`, `sd` (population), `m2` (float64), `lo, lo_next, hi, hi_next` (sorted-row
     values at the reduced median's positions), `trim_sum, trim_lo, trim_hi` (with `trim`), and
     `raw_lo, raw_hi, raw_trim_lo, raw_trim_hi` (the untransformed values used for rank comparisons;
     the same arrays when there is no transform).
@@ -71,6 +71,33 @@ class ShadowFit:
         """Model `model`'s (n_records, n_views) scores, transformed like the fitted statistics."""
         values = self.scores[model]
         return values if self.transform is None else self.transform(values)
+
+
+def fit_arrays(fit: ShadowFit) -> dict:
+    """The arrays of a `ShadowFit` as a flat {name: array} dict (for the audit cache): n_in, n_out,
+    member_order and "<group>-<statistic>" (aliased raw_* arrays stored once)."""
+    arrays = {"n_in": fit.n_in, "n_out": fit.n_out, "member_order": fit.member_order}
+    for g in GROUPS:
+        for name, array in fit.groups[g].items():
+            if not (name.startswith("raw_") and array is fit.groups[g][name[4:]]):
+                arrays[f"{g}-{name}"] = array
+    return arrays
+
+
+def fit_from_arrays(scores, masks, arrays, *, medians=True, trim=None, transform=None) -> ShadowFit:
+    """The `ShadowFit` of `fit_arrays(fit_shadows(scores, masks, medians=…, trim=…, transform=…))`."""
+    scores, masks = check_scores_masks(scores, masks)
+    groups = {g: {} for g in GROUPS}
+    for key, array in arrays.items():
+        g, _, name = key.partition("-")
+        if g in groups:
+            groups[g][name] = array
+    for stats in groups.values():  # without a transform the raw_* arrays are the values themselves
+        for name in ("lo", "hi", "trim_lo", "trim_hi"):
+            if name in stats and "raw_" + name not in stats:
+                stats["raw_" + name] = stats[name]
+    return ShadowFit(scores, masks, transform, medians, trim, np.asarray(arrays["n_in"]), np.asarray(arrays["n_out"]),
+                     arrays["member_order"], groups)
 
 
 def reduced_positions(count):
@@ -103,13 +130,13 @@ def fit_shadows(scores, masks, *, medians=True, trim=None, transform=None, chunk
     n_out = n_models - n_in
     index_type = np.int16 if n_models < 2**15 else np.int32
     member_order = np.argsort(~masks, axis=0, kind="stable").astype(index_type)
-    names = ["mean", "m2"]
+    names = ["mean", "m2", "sd"]
     if medians:
         names += ["lo", "lo_next", "hi", "hi_next", "raw_lo", "raw_hi"]
     if trim is not None:
         names += ["trim_sum", "trim_lo", "trim_hi", "raw_trim_lo", "raw_trim_hi"]
     value_type = scores.dtype if transform is None else np.float64
-    groups = {g: {name: np.empty((n_records, n_views), np.float64 if name in ("mean", "m2", "trim_sum") else value_type)
+    groups = {g: {name: np.empty((n_records, n_views), np.float64 if name in ("mean", "m2", "sd", "trim_sum") else value_type)
                   for name in names} for g in GROUPS}
     if transform is None:  # comparisons and values are the same numbers: one array each
         for g in GROUPS:
@@ -124,7 +151,7 @@ def fit_shadows(scores, masks, *, medians=True, trim=None, transform=None, chunk
         mean, sd = group_moments(values, np.stack([member, ~member], axis=1))
         counts = (n_in[a:b], n_out[a:b])
         for j, g in enumerate(GROUPS):
-            groups[g]["mean"][a:b] = mean[:, j]
+            groups[g]["mean"][a:b], groups[g]["sd"][a:b] = mean[:, j], sd[:, j]
             groups[g]["m2"][a:b] = counts[j][:, None] * np.square(sd[:, j])
         if not medians and trim is None:
             return
