@@ -217,3 +217,49 @@ def test_noise_floor_on_threads_equals_one_thread():
     many = share_floor(summaries, patient_mask, unit_patient, n_permutations=25, seed=4, threads=3,
                        on_permutation=lambda: calls.append(1))
     assert one == many and len(calls) == 25
+
+
+def test_cached_fits_equal_fresh_ones(tmp_path):
+    from medleak.privacy_utils.audit import audit_fit
+
+    logdir = write_planted_campaign(tmp_path / "c", n_runs=8, n_patients=30)
+    options = AuditOptions(progress=False)
+    fresh = audit_fit(_load(logdir, cache=False), options)
+    cached_campaign = _load(logdir, cache=True)
+    first = audit_fit(cached_campaign, options)
+    assert first.cache is not None and not any((logdir / CACHE_DIR).glob("derived-*-lira_fit"))
+    first.lira_fit, first.rmia_fit, first.record_summary  # computed and stored
+    again = audit_fit(_load(logdir, cache=True), options)  # read back (memory-mapped), not recomputed
+    assert isinstance(again.lira_fit.groups["in"]["mean"], np.memmap)
+    np.testing.assert_array_equal(again.record_summary, fresh.record_summary)
+    for name in ("lira_fit", "rmia_fit"):
+        a, b = getattr(fresh, name), getattr(again, name)
+        np.testing.assert_array_equal(a.member_order, b.member_order)
+        assert a.groups.keys() == b.groups.keys()
+        for g in a.groups:
+            assert a.groups[g].keys() == b.groups[g].keys()
+            for stat in a.groups[g]:
+                np.testing.assert_array_equal(a.groups[g][stat], b.groups[g][stat], err_msg=f"{name} {g} {stat}")
+    targets = [6, 7]
+    fresh_scores, cached_scores = fresh.attack(targets), again.attack(targets)
+    for variant in fresh_scores:
+        np.testing.assert_array_equal(fresh_scores[variant], cached_scores[variant], err_msg=variant)
+    np.testing.assert_array_equal(fresh.record_auc_gaussian()[0], again.record_auc_gaussian()[0])
+
+
+def test_planner_samples_records_with_a_recorded_seed(monkeypatch):
+    from medleak.privacy_utils import audit
+
+    rng = np.random.default_rng(0)
+    patient_mask = (np.argsort(rng.random((40, 16)), axis=1) < 8).T
+    record_patient = np.repeat(np.arange(40), 3)
+    summaries = rng.normal(size=(16, 120)).astype(np.float32)
+    risk = audit.RiskTables(None, None, None, summaries, summaries[:, ::3], patient_mask, record_patient)
+    full = audit.run_planner(risk, 0.05, seed=1)
+    assert full["records"]["n_units"] == 120 and full["records"]["sample_seed"] is None
+    monkeypatch.setattr(audit, "PLANNER_MAX_UNITS", 50)
+    sampled = audit.run_planner(risk, 0.05, seed=1)
+    assert sampled["records"]["n_units"] == 50 and sampled["records"]["sample_seed"] == [1, 0]
+    assert sampled["patients"]["sample_seed"] is None and sampled["patients"] == full["patients"]
+    assert sampled == audit.run_planner(risk, 0.05, seed=1)  # seeded: the same sample again
+    assert sampled["records"]["se_by_runs"] != full["records"]["se_by_runs"]

@@ -452,3 +452,34 @@ def test_planner_predicts_the_null_standard_error_and_matches_a_scan():
     assert calibration.plan_runs(var_in, var_out, 1e-4, runs_in=runs_in, max_runs=100)["n_runs"] is None
     with pytest.raises(MedleakError, match="positive"):
         calibration.plan_runs(var_in, var_out, 0.0, runs_in=runs_in)
+
+
+def _relabel_by_sort(counts, noise):
+    """The noise floor's first relabelling, kept as the slow reference: a full sort of each
+    patient's noise, IN where the noise is at most its count-th smallest value."""
+    kth = np.sort(noise, axis=1)[np.arange(noise.shape[0]), np.maximum(counts - 1, 0)]
+    return (noise <= np.where(counts > 0, kth, -1.0)[:, None]).T
+
+
+@pytest.mark.parametrize("counts", [np.full(40, 5), np.array([0, 1, 5, 9, 10, 5, 3, 3] * 5)])
+def test_partition_relabel_equals_the_sort_on_a_fixed_seed(counts):
+    noise = np.random.default_rng(7).random((counts.size, 10))
+    np.testing.assert_array_equal(noise_floor._relabel(counts, noise), _relabel_by_sort(counts, noise))
+    np.testing.assert_array_equal(noise_floor._relabel(counts, noise).sum(axis=0), counts)
+
+
+def test_rank_sums_equal_the_expanded_mask_product():
+    rng = np.random.default_rng(2)
+    unit_patient = rng.integers(0, 30, size=1000)
+    ranks = (rng.integers(2, 41, size=(1000, 20)) / 2.0).astype(np.float32)  # midranks: multiples of ½
+    patient_rows = (rng.random((30, 20)) < 0.5).astype(np.float32)
+    expanded = np.einsum("mu,mu->u", ranks.T, patient_rows[unit_patient].T)
+    np.testing.assert_array_equal(noise_floor.rank_sums(ranks, patient_rows, unit_patient, block=64), expanded)
+
+
+def test_bh_rejections_equal_the_q_values_at_alpha():
+    rng = np.random.default_rng(4)
+    for p in (rng.random(5000) ** 3, np.round(rng.random(3000) ** 4, 3), np.full(50, 0.05), rng.random(200), np.ones(10)):
+        for alpha in (0.01, 0.05, 0.2):
+            np.testing.assert_array_equal(calibration.bh_rejections(p, alpha), calibration.benjamini_hochberg(p) <= alpha)
+    assert calibration.bh_rejections(np.array([]), 0.05).shape == (0,)
