@@ -4,7 +4,8 @@
 with 1–4 images, each patient IN for exactly half the models), 10 held-out targets (the audit's
 default for 200 runs), 200 noise-floor permutations (the audit's default).
 
-    audit path   the audit's own steps on a stand-in campaign: `audit.record_risk_tables` (record
+    audit path   the audit's own steps on a stand-in campaign, sharing one `audit.audit_fit` (a
+                 `FittedCampaign`, as `audit_campaign` does): `audit.record_risk_tables` (record
                  summaries, record and patient rank risk, the Gaussian record AUC, the tables),
                  `attack_suite` (LiRA ×4, RMIA ×2 with leave-one-out shadows, loss threshold, ROC
                  summaries), `noise_floors` (patients, records, strongest attack)
@@ -27,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from medleak.privacy_utils import fit_campaign
-from medleak.privacy_utils.audit import AuditOptions, attack_suite, n_targets, noise_floors, record_risk_tables
+from medleak.privacy_utils.audit import (AuditOptions, attack_suite, audit_fit, n_targets, noise_floors,
+                                         record_risk_tables)
 
 LABELS = ["negative", "positive"]
 
@@ -92,8 +94,9 @@ class Stages:
 
 
 def audit_path(campaign, options, targets, stages):
-    risk = stages.run("audit_record_risk_tables", lambda: record_risk_tables(campaign, options))
-    attacks = stages.run("audit_attack_suite", lambda: attack_suite(campaign, options, targets))
+    fitted = audit_fit(campaign, options)  # what audit_campaign does: one fit behind every step
+    risk = stages.run("audit_record_risk_tables", lambda: record_risk_tables(campaign, options, fitted))
+    attacks = stages.run("audit_attack_suite", lambda: attack_suite(campaign, options, targets, fitted))
     floors = stages.run("audit_noise_floors", lambda: noise_floors(risk, attacks, options))
     return risk, attacks, floors
 
