@@ -37,8 +37,9 @@ def compile_view_logits(model, variables, images, batch_size: int, n_views: int,
     return jax.jit(make_view_logits(model, n_views, preset)).lower(variables, images, rows_spec).compile()
 
 
-def view_logits(program, variables, images, batch_size: int, progress: bool = False) -> np.ndarray:
-    """float32 (N, V, C) logits of all N rows of `images`, `batch_size` rows per call."""
+def view_logits(program, variables, images, batch_size: int, progress: bool = False, row_axis: int = 0) -> np.ndarray:
+    """float32 (N, V, C) logits of all N rows of `images`, `batch_size` rows per call (rows on
+    `row_axis`: 1 for K models' stacked (K, N, V, C) logits, train_utils/batched.py)."""
     n_rows = images.shape[0]
     outputs, pending = [], None
     for start in tqdm(range(0, n_rows, batch_size), desc="inference", unit="batch", disable=not progress,
@@ -50,4 +51,4 @@ def view_logits(program, variables, images, batch_size: int, progress: bool = Fa
             outputs.append(np.asarray(pending))
         pending = logits
     outputs.append(np.asarray(pending))
-    return np.concatenate(outputs)[:n_rows]
+    return np.concatenate(outputs, axis=row_axis).take(np.arange(n_rows), axis=row_axis)

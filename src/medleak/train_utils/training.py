@@ -260,6 +260,15 @@ class TrainProgram:
     batch_size: int
     epoch_steps: int  # checkpoints are saved at epoch boundaries (multiples of chunk_steps by default)
 
+    def resumes_at(self, step: int) -> bool:
+        """Whether a checkpoint of `step` can be resumed by this program (its chunks stop there)."""
+        return 0 < step <= self.n_steps and step % self.chunk_steps == 0
+
+
+def schedule_signature(batches: dict) -> tuple:
+    """What a compiled program depends on in a schedule: its entries' shapes and dtypes."""
+    return tuple(sorted((name, value.shape, value.dtype.str) for name, value in batches.items()))
+
 
 def _chunk_steps(n_steps: int, target: int) -> int:
     """Largest divisor of n_steps not above target (one epoch for the default schedule)."""
@@ -273,6 +282,33 @@ def _check_finite(losses, first_step: int, seed: int):
         raise TrainingDiverged(
             f"training loss became {losses[bad[0]]} at step {first_step + bad[0]} (seed {seed}): "
             f"lower --learning_rate or check the images/labels")
+
+
+def run_timings(program: TrainProgram, first_step: int, *, compile_seconds: float, loop_seconds: float,
+                checkpoint_seconds: float, total_seconds: float, checkpoints_saved: int) -> dict:
+    """A run's JSON-ready timings (TrainedModel.timings); `loop_seconds` excludes checkpoint saves."""
+    n_images = (program.n_steps - first_step) * program.batch_size
+    return {
+        "compile_seconds": compile_seconds,
+        "step_seconds": loop_seconds,
+        "checkpoint_seconds": checkpoint_seconds,
+        "checkpoints_saved": checkpoints_saved,
+        "overhead_seconds": total_seconds - compile_seconds - loop_seconds - checkpoint_seconds,
+        "total_seconds": total_seconds,
+        "images_per_second": n_images / loop_seconds if loop_seconds > 0 else float("nan"),
+        "steps": program.n_steps,
+        "resumed_from_step": first_step,
+        "steps_per_epoch": program.epoch_steps,
+        "batch_size": program.batch_size,
+    }
+
+
+def trained_model(state: TrainState, seed: int, train_indices, losses, timings: dict) -> TrainedModel:
+    """The TrainedModel of a final TrainState (its EMA weights, or the final ones without EMA)."""
+    return TrainedModel(
+        params=state.params, model_state=state.model_state,
+        ema_params=state.params if state.ema_params is None else state.ema_params,
+        seed=int(seed), n_train=int(np.asarray(train_indices).size), losses=losses, timings=timings)
 
 
 # --- the trainer ---------------------------------------------------------------------------------
@@ -370,11 +406,9 @@ class Trainer:
         batches = self.schedule_fn(train_indices, np.random.default_rng([_seed32(seed), _STEP_STREAM]))
         return {name: np.asarray(value) for name, value in batches.items()}
 
-    def compiled_program(self, batches: dict) -> TrainProgram:
-        """The compiled init and chunk programs for this schedule shape (compiled on first use)."""
-        signature = tuple(sorted((name, value.shape, value.dtype.str) for name, value in batches.items()))
-        if signature in self._programs:
-            return self._programs[signature]
+    def program_functions(self, batches: dict) -> TrainProgram:
+        """The uncompiled init and chunk functions (and shape facts) of this schedule shape; the
+        batched trainer (batched.py) vmaps these very functions over a model axis."""
         n_steps, batch_size = batches["indices"].shape
         epoch_steps = max(1, n_steps // self.config.epochs)
         chunk_steps = _chunk_steps(n_steps, self.steps_per_call or default_chunk_steps(epoch_steps))
@@ -391,16 +425,24 @@ class Trainer:
 
         step = make_train_step(self.model_loss, optimizer, self.gradient_estimator, self.config.augment,
                                self.config.ema_decay)
+        return TrainProgram(init, make_train_chunk(step, chunk_steps), chunk_steps, n_steps, batch_size, epoch_steps)
+
+    def compiled_program(self, batches: dict) -> TrainProgram:
+        """The compiled init and chunk programs for this schedule shape (compiled on first use)."""
+        signature = schedule_signature(batches)
+        if signature in self._programs:
+            return self._programs[signature]
+        functions = self.program_functions(batches)
         seed_spec = jax.ShapeDtypeStruct((), jnp.uint32)
         started = time.perf_counter()
-        init_compiled = jax.jit(init).lower(seed_spec).compile()
-        state_spec = jax.eval_shape(init, seed_spec)
-        chunk_spec = {name: jax.ShapeDtypeStruct((chunk_steps, *value.shape[1:]), value.dtype)
+        init_compiled = jax.jit(functions.init).lower(seed_spec).compile()
+        state_spec = jax.eval_shape(functions.init, seed_spec)
+        chunk_spec = {name: jax.ShapeDtypeStruct((functions.chunk_steps, *value.shape[1:]), value.dtype)
                       for name, value in batches.items()}
-        chunk_compiled = jax.jit(make_train_chunk(step, chunk_steps), donate_argnums=0).lower(
+        chunk_compiled = jax.jit(functions.chunk, donate_argnums=0).lower(
             state_spec, self.images, self.labels, chunk_spec, seed_spec).compile()
         self.compile_seconds["train"] = self.compile_seconds.get("train", 0.0) + time.perf_counter() - started
-        program = TrainProgram(init_compiled, chunk_compiled, chunk_steps, n_steps, batch_size, epoch_steps)
+        program = dataclasses.replace(functions, init=init_compiled, chunk=chunk_compiled)
         self._programs[signature] = program
         return program
 
@@ -419,7 +461,7 @@ class Trainer:
         Raises TrainingDiverged if the loss becomes NaN/inf.
         """
         started = time.perf_counter()
-        batches, seed, resume_step, fingerprint = self._resume_point(train_indices, seed, checkpoints)
+        batches, seed, resume_step, fingerprint = self.resume_point(train_indices, seed, checkpoints)
         compile_before = self.compile_seconds.get("train", 0.0)
         program = self.compiled_program(batches)
         compile_seconds = self.compile_seconds.get("train", 0.0) - compile_before
@@ -427,7 +469,7 @@ class Trainer:
         state = program.init(seed32)
         losses = np.full(program.n_steps, np.nan, dtype=np.float32)
         first_step, restore_seconds = 0, 0.0
-        if resume_step and resume_step % program.chunk_steps == 0 and resume_step <= program.n_steps:
+        if program.resumes_at(resume_step):
             restore_started = time.perf_counter()
             state, saved_losses = checkpoints.restore(resume_step, state, program.n_steps)
             losses[:resume_step] = saved_losses[:resume_step]
@@ -463,28 +505,15 @@ class Trainer:
             checkpoint_seconds += checkpoints.save_seconds - saved_before
         total_seconds = time.perf_counter() - started
 
-        n_images = (program.n_steps - first_step) * program.batch_size
-        timings = {
-            "compile_seconds": compile_seconds,
-            "step_seconds": loop_seconds,
-            "checkpoint_seconds": checkpoint_seconds,
-            "checkpoints_saved": (checkpoints.saves if checkpoints is not None else 0) - saves_before,
-            "overhead_seconds": total_seconds - compile_seconds - loop_seconds - checkpoint_seconds,
-            "total_seconds": total_seconds,
-            "images_per_second": n_images / loop_seconds if loop_seconds > 0 else float("nan"),
-            "steps": program.n_steps,
-            "resumed_from_step": first_step,
-            "steps_per_epoch": program.n_steps // self.config.epochs,
-            "batch_size": program.batch_size,
-        }
-        return TrainedModel(
-            params=state.params, model_state=state.model_state,
-            ema_params=state.params if state.ema_params is None else state.ema_params,
-            seed=int(seed), n_train=int(np.asarray(train_indices).size),
-            losses=losses, timings=timings)
+        timings = run_timings(
+            program, first_step, compile_seconds=compile_seconds, loop_seconds=loop_seconds,
+            checkpoint_seconds=checkpoint_seconds, total_seconds=total_seconds,
+            checkpoints_saved=(checkpoints.saves if checkpoints is not None else 0) - saves_before)
+        return trained_model(state, seed, train_indices, losses, timings)
 
-    def _resume_point(self, train_indices, seed: int, checkpoints):
-        """(batches, seed, step to resume from or 0, fingerprint or None) of a run about to train."""
+    def resume_point(self, train_indices, seed: int, checkpoints):
+        """(batches, seed, step to resume from or 0, fingerprint or None) of a run about to train
+        (a checkpoint of another run or config is deleted here)."""
         record = checkpoints.latest_record() if checkpoints is not None else None
         if record is not None:
             batches = self.schedule(train_indices, record["seed"])
