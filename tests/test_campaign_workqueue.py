@@ -117,7 +117,22 @@ def worker_main(cfg):
                                         record_mask=mask, test_logits=test_features @ weights,
                                         test_labels=test_labels, metrics={"run": run_index})
 
-        work_loop(queue, do_run, log=lambda m: print(m, flush=True))
+        k = cfg.get("runs_per_claim", 1)
+        if k == 1:
+            work_loop(queue, do_run, log=lambda m: print(m, flush=True))
+            return
+
+        def do_runs(claims):  # K runs trained together: a run's own failure is its outcome
+            emit(cfg["events"], kind="batch", runs=[c.run_index for c in claims])
+            outcomes = []
+            for claim in claims:
+                try:
+                    outcomes.append(do_run(claim))
+                except RuntimeError as e:
+                    outcomes.append(e)
+            return outcomes
+
+        work_loop(queue, do_runs, log=lambda m: print(m, flush=True), runs_per_claim=k)
 
     run()
 
@@ -317,7 +332,45 @@ def test_workers_racing_to_create_the_plan_produce_one_plan(tmp_path):
     np.testing.assert_array_equal(rundir.load_patient_mask(tmp_path / "logdir"), np.array(plans[0]["mask"], bool))
 
 
+def test_workers_claiming_four_runs_at_a_time_finish_every_run_once_and_a_failing_run_alone_retries(tmp_path):
+    workers = [start_worker(tmp_path, n_runs=10, runs_per_claim=4, run_seconds=0.2, max_attempts=2,
+                            fail_always=[5], fail_once=[2]) for _ in range(2)]
+    wait_for(lambda: len(events_of(tmp_path, "ready")) == 2)
+    (tmp_path / "go").touch()
+    for worker in workers:
+        rc, out, err = finish(worker)
+        assert rc == 0, err
+    batches = [e["runs"] for e in events_of(tmp_path, "batch")]
+    assert max(len(b) for b in batches) == 4 and all(len(b) <= 4 for b in batches)
+    runs = queue_state(tmp_path)["runs"]
+    assert rundir.list_complete_runs(tmp_path / "logdir") == [i for i in range(10) if i != 5]
+    assert (runs[5]["status"], runs[5]["attempts"]) == ("failed", 2)
+    assert (runs[2]["status"], runs[2]["attempts"]) == ("done", 2)  # retried alone after its batch
+    finished = [e["run"] for e in events_of(tmp_path, "finish")]
+    assert sorted(finished) == [i for i in range(10) if i != 5]  # every other run trained exactly once
+
+
 # -- in-process checks of the queue's rules ----------------------------------------------------
+
+def test_claim_many_takes_up_to_k_runs_and_the_heartbeat_renews_all_of_them(tmp_path):
+    from medleak.campaign.workqueue import Heartbeat
+
+    first = WorkQueue(tmp_path, lease_seconds=0.6, max_attempts=2)
+    second = WorkQueue(tmp_path, lease_seconds=0.6, max_attempts=2)
+    first.initialize(6)
+    claims = first.claim_many(4)
+    assert [c.run_index for c in claims] == [0, 1, 2, 3] and all(c.attempt == 1 for c in claims)
+    assert [c.run_index for c in second.claim_many(4)] == [4, 5]  # only two left
+    with Heartbeat(first, claims):
+        time.sleep(1.5)  # past two leases: renewed for all four; runs 4 and 5, not renewed, are lost
+        assert [(c.run_index, c.attempt) for c in second.claim_many(4)] == [(4, 2), (5, 2)]
+    assert first.renew_many(claims) == [True] * 4
+    time.sleep(0.7)
+    retaken = second.claim_many(2)  # all leases ran out; 0 and 1 are taken again
+    assert [(c.run_index, c.attempt) for c in retaken] == [(0, 2), (1, 2)]
+    assert first.renew_many(claims) == [False] * 4  # every lost claim was freed by that claim
+
+
 
 def test_expired_claims_are_retaken_and_the_old_owner_loses_the_lease(tmp_path):
     first = WorkQueue(tmp_path, lease_seconds=1.0, max_attempts=2)

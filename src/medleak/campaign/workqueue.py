@@ -249,39 +249,47 @@ class WorkQueue:
 
     def claim(self) -> Claim | None:
         """Claims the lowest-numbered claimable run, or returns None when none is left."""
+        claims = self.claim_many(1)
+        return claims[0] if claims else None
+
+    def claim_many(self, k: int) -> list:
+        """Claims up to `k` claimable runs, lowest-numbered first (one lock, one write); [] when none
+        is left. A worker training K models per program claims K runs at a time."""
         with self.locked():
             state = self._read()
             now = time.time()
             self._sync_with_run_dirs(state)
             self._expire_leases(state, now)
-            chosen = None
-            for index, run in enumerate(state["runs"]):
-                # A `failed` run becomes claimable again when a worker allows more attempts.
-                if run["status"] in (PENDING, FAILED) and run["attempts"] < self.max_attempts:
-                    chosen = index
-                    break
-            if chosen is not None:
-                run = state["runs"][chosen]
+            # A `failed` run becomes claimable again when a worker allows more attempts.
+            chosen = [index for index, run in enumerate(state["runs"])
+                      if run["status"] in (PENDING, FAILED) and run["attempts"] < self.max_attempts][:max(1, k)]
+            for index in chosen:
+                run = state["runs"][index]
                 run.update(status=CLAIMED, owner=self.token, owner_process=self.process,
                            lease_until=now + self.lease_seconds, attempts=run["attempts"] + 1, claimed_at=now)
             self._write(state)
             self.last_progress = progress(state, now)
             self.held = [(i, r["lease_until"], r.get("owner_process")) for i, r in enumerate(state["runs"])
                          if r["status"] == CLAIMED and r["owner"] != self.token]
-            if chosen is None:
-                return None
-            return Claim(chosen, self.token, state["runs"][chosen]["attempts"])
+            return [Claim(index, self.token, state["runs"][index]["attempts"]) for index in chosen]
 
     def renew(self, claim: Claim) -> bool:
         """Extends the lease; False when the claim is no longer ours (expired and re-taken, or done)."""
+        return self.renew_many([claim]) == [True]
+
+    def renew_many(self, claims) -> list:
+        """Extends the leases of `claims` (one lock, one write); per claim, False when no longer ours."""
         with self.locked():
             state = self._read()
-            run = state["runs"][claim.run_index]
-            if run["status"] != CLAIMED or run["owner"] != claim.token:
-                return False
-            run["lease_until"] = time.time() + self.lease_seconds
-            self._write(state)
-            return True
+            ours = []
+            for claim in claims:
+                run = state["runs"][claim.run_index]
+                ours.append(run["status"] == CLAIMED and run["owner"] == claim.token)
+                if ours[-1]:
+                    run["lease_until"] = time.time() + self.lease_seconds
+            if any(ours):
+                self._write(state)
+            return ours
 
     def complete(self, claim: Claim, tmp_dir) -> bool:
         """Renames the finished run into place and marks it done; False if another worker was first."""
@@ -364,18 +372,22 @@ def _record_error(run: dict, worker: str, error: str, now: float) -> None:
 
 
 class Heartbeat:
-    """Renews a claim's lease from a background thread while the run trains.
+    """Renews the leases of a worker's claims (one, or the K of a batch) from a background thread
+    while they train.
 
     Renews every lease/3 seconds, so two renewals can be missed (a slow shared filesystem) before
-    the lease expires. `lost` is set when the claim turned out to be no longer ours.
+    the lease expires. `lost` is set when a claim turned out to be no longer ours.
     """
 
-    def __init__(self, queue: WorkQueue, claim: Claim, log=print):
-        self.queue, self.claim, self.log = queue, claim, log
+    def __init__(self, queue: WorkQueue, claims, log=print):
+        self.queue, self.log = queue, log
+        self.claims = [claims] if isinstance(claims, Claim) else list(claims)
         self.interval = max(queue.lease_seconds / 3.0, 0.05)
         self.lost = False
+        self._warned = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-run-{claim.run_index}", daemon=True)
+        names = "+".join(str(claim.run_index) for claim in self.claims)
+        self._thread = threading.Thread(target=self._beat, name=f"lease-run-{names}", daemon=True)
 
     def __enter__(self):
         self._thread.start()
@@ -389,13 +401,16 @@ class Heartbeat:
     def _beat(self):
         while not self._stop.wait(self.interval):
             try:
-                if not self.queue.renew(self.claim):
-                    if not self.lost:
-                        self.log(f"warning: lost the lease on {rundir.run_dir_name(self.claim.run_index)} "
-                                 "(another worker took it); the first to finish keeps it")
-                    self.lost = True
+                ours = self.queue.renew_many(self.claims)
             except Exception as e:  # keep beating: one slow filesystem call must not lose the lease
                 self.log(f"warning: lease renewal failed ({type(e).__name__}: {e})")
+                continue
+            for claim, still_ours in zip(self.claims, ours):
+                if not still_ours and claim.run_index not in self._warned:
+                    self.log(f"warning: lost the lease on {rundir.run_dir_name(claim.run_index)} "
+                             "(another worker took it); the first to finish keeps it")
+                    self._warned.add(claim.run_index)
+                    self.lost = True
 
 
 @dataclass
@@ -429,33 +444,39 @@ def failing_streak_limit(max_attempts: int) -> int:
     return max(3, max_attempts + 1)
 
 
-def work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
+def work_loop(queue: WorkQueue, do_run, *, log=print, runs_per_claim: int = 1) -> WorkSummary:
     """Claims and runs runs until every run is done or failed (see `_work_loop`); SIGTERM gives the
-    claim back."""
+    claims back."""
     with sigterm_as_exit():
-        return _work_loop(queue, do_run, log=log)
+        return _work_loop(queue, do_run, log=log, runs_per_claim=runs_per_claim)
 
 
-def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
+def _work_loop(queue: WorkQueue, do_run, *, log=print, runs_per_claim: int = 1) -> WorkSummary:
     """Claims and runs runs until every run is done or failed.
 
     While other workers hold claims and nothing is claimable, the worker waits, polling the queue
     every `queue.poll_seconds`, and takes over any claim that is lost. `do_run(claim) -> tmp_dir` trains run `claim.run_index` (attempt `claim.attempt`) and writes it
-    with `rundir.write_run_tmp`; the loop renames it into place. Exceptions are recorded as failed
+    with `rundir.write_run_tmp`; the loop renames it into place. With `runs_per_claim` = K > 1 the
+    worker claims up to K runs at a time (K models per device program) and calls
+    `do_run(claims) -> [tmp_dir or the run's exception, per claim]`: a run that failed alone (a
+    diverged loss) is recorded as that run's failed attempt while the others are published.
+    Exceptions are recorded as failed
     attempts and the loop goes on — unless `failing_streak_limit(max_attempts)` different runs fail
     in a row, which points at the environment (disk full, broken device) rather than the runs: the
     worker then stops with a MedleakError instead of using up every run's attempts. A `MedleakError`
-    (bad input: every run would fail the same way) and an interrupt give the claim back, without
+    (bad input: every run would fail the same way) and an interrupt give the claims back, without
     counting the attempt, and are re-raised.
     """
+    if runs_per_claim < 1:
+        raise MedleakError(f"--models_per_program must be at least 1, got {runs_per_claim}")
     completed, failed_attempts = [], []
     failing_streak = set()  # runs that failed since this worker's last success
     waiting_for = None  # the claims of other workers this worker last said it waits for
     while True:
         for stale in rundir.remove_stale_tmp_dirs(queue.logdir):
             log(f"removed {stale} left by a dead worker")
-        claim = queue.claim()
-        if claim is None:
+        claims = queue.claim_many(runs_per_claim)
+        if not claims:
             if not queue.held:
                 break
             held = tuple(index for index, _, _ in queue.held)
@@ -465,40 +486,56 @@ def _work_loop(queue: WorkQueue, do_run, *, log=print) -> WorkSummary:
             time.sleep(wait_seconds(queue))
             continue
         waiting_for = None
-        name = rundir.run_dir_name(claim.run_index)
-        log(f"{name}: started (attempt {claim.attempt}/{queue.max_attempts}) by {claim.token}")
+        for claim in claims:
+            log(f"{rundir.run_dir_name(claim.run_index)}: started (attempt {claim.attempt}/{queue.max_attempts}) "
+                f"by {claim.token}")
         started = time.time()
         try:
-            with Heartbeat(queue, claim, log=log):
-                tmp_dir = do_run(claim)
-            committed = queue.complete(claim, tmp_dir)
+            with Heartbeat(queue, claims, log=log):
+                outcomes = do_run(claims) if runs_per_claim > 1 else [do_run(claims[0])]
         except (KeyboardInterrupt, SystemExit):
-            queue.release(claim)
-            log(f"{name}: interrupted; gave the claim back")
+            for claim in claims:
+                queue.release(claim)
+            log(f"{', '.join(rundir.run_dir_name(c.run_index) for c in claims)}: interrupted; gave the claim back")
             raise
         except MedleakError:
-            queue.release(claim)  # the user's input is at fault, not this run
+            for claim in claims:
+                queue.release(claim)  # the user's input is at fault, not this run
             raise
         except Exception as e:
-            error = f"{type(e).__name__}: {e}".splitlines()[0]
-            queue.fail(claim, error)
-            shutil.rmtree(rundir.tmp_run_dir(queue.logdir, claim.run_index), ignore_errors=True)
-            failed_attempts.append((claim.run_index, error))
-            log(f"{name}: attempt {claim.attempt} failed: {error}")
-            failing_streak.add(claim.run_index)
-            if len(failing_streak) >= failing_streak_limit(queue.max_attempts):
-                raise MedleakError(
-                    f"{len(failing_streak)} different runs failed in a row in this worker (last: {error}); "
-                    "stopping so the other runs keep their attempts. Fix the cause and re-run; runs whose "
-                    "attempts are used up are retried with a higher --max_attempts"
-                )
-        else:
-            failing_streak.clear()
-            if committed:
-                completed.append(claim.run_index)
-                log(f"{name}: done in {time.time() - started:.1f} s")
+            outcomes = [e] * len(claims)
+        for claim, outcome in zip(claims, outcomes):
+            name = rundir.run_dir_name(claim.run_index)
+            try:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                committed = queue.complete(claim, outcome)
+            except MedleakError:
+                for unfinished in claims[claims.index(claim):]:
+                    queue.release(unfinished)
+                raise
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}".splitlines()[0]
+                queue.fail(claim, error)
+                shutil.rmtree(rundir.tmp_run_dir(queue.logdir, claim.run_index), ignore_errors=True)
+                failed_attempts.append((claim.run_index, error))
+                log(f"{name}: attempt {claim.attempt} failed: {error}")
+                failing_streak.add(claim.run_index)
+                if len(failing_streak) >= failing_streak_limit(queue.max_attempts):
+                    for unfinished in claims[claims.index(claim) + 1:]:
+                        queue.release(unfinished)
+                    raise MedleakError(
+                        f"{len(failing_streak)} different runs failed in a row in this worker (last: {error}); "
+                        "stopping so the other runs keep their attempts. Fix the cause and re-run; runs whose "
+                        "attempts are used up are retried with a higher --max_attempts"
+                    )
             else:
-                log(f"{name}: another worker finished it first; discarded this copy")
+                failing_streak.clear()
+                if committed:
+                    completed.append(claim.run_index)
+                    log(f"{name}: done in {time.time() - started:.1f} s")
+                else:
+                    log(f"{name}: another worker finished it first; discarded this copy")
         log(queue.last_progress.line())
     state = queue.snapshot()
     summary = WorkSummary(completed, failed_attempts, progress(state, time.time()), failed_runs(state))
