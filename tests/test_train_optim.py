@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from medleak.config import TrainConfig
@@ -134,3 +135,62 @@ def test_epoch_schedule_has_fixed_shape_and_uses_rows_evenly():
     assert training.steps_per_epoch(100, 32) == 4
     with pytest.raises(MedleakError, match="no training records"):
         training.epoch_schedule(np.array([], dtype=int), rng, batch_size=8, steps_per_epoch=2, epochs=1)
+
+
+@pytest.mark.parametrize("name", ["adam", "nadam"])
+def test_adam_and_nadam_with_decoupled_weight_decay_match_a_hand_loop(name):
+    config = TrainConfig(optimizer=name, learning_rate=0.01, weight_decay=0.1, warmup=0)
+    total, b1, b2, eps = 4, 0.9, 0.999, 1e-8
+    optimizer = optim.make_optimizer(config, total_steps=total)
+    params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
+    grads = [{"kernel": jnp.array([[0.3, -0.1]]) * (i + 1), "bias": jnp.array([-0.2]) / (i + 1)} for i in range(3)]
+    state = optimizer.init(params)
+    expected = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    mu = {k: np.zeros_like(v) for k, v in expected.items()}
+    nu = {k: np.zeros_like(v) for k, v in expected.items()}
+    for step, g in enumerate(grads):
+        updates, state = optimizer.update(g, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        lr = 0.01 * 0.5 * (1 + math.cos(math.pi * step / total))
+        t = step + 1
+        for k in expected:
+            grad = np.asarray(g[k], dtype=np.float64)
+            mu[k] = b1 * mu[k] + (1 - b1) * grad
+            nu[k] = b2 * nu[k] + (1 - b2) * grad ** 2
+            if name == "nadam":  # Dozat 2016: the next step's momentum plus this gradient's share
+                mu_hat = b1 * mu[k] / (1 - b1 ** (t + 1)) + (1 - b1) * grad / (1 - b1 ** t)
+            else:
+                mu_hat = mu[k] / (1 - b1 ** t)
+            direction = mu_hat / (np.sqrt(nu[k] / (1 - b2 ** t)) + eps)
+            decay = 0.1 * expected[k] if k == "kernel" else 0.0
+            expected[k] = expected[k] - lr * (direction + decay)
+    for k in expected:
+        np.testing.assert_allclose(params[k], expected[k], rtol=1e-5)
+
+
+def test_head_only_finetuning_updates_the_head_and_nothing_else():
+    config = TrainConfig(optimizer="sgd", learning_rate=0.1, weight_decay=0.1, warmup=0, init_from="x", finetune="head")
+    params = {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 2))}, optim.HEAD: {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+    assert optim.trainable_mask(config, params) == {"Conv_0": {"kernel": False},
+                                                     optim.HEAD: {"kernel": True, "bias": True}}
+    optimizer = optim.make_optimizer(config, 3)
+    state = optimizer.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(2):
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(params["Conv_0"]["kernel"], 1.0)  # no gradient step, no weight decay
+    assert float(jnp.abs(params[optim.HEAD]["kernel"] - 1.0).min()) > 0
+
+
+def test_optimizer_flags_are_checked_naming_the_flag():
+    with pytest.raises(MedleakError, match="--optimizer"):
+        TrainConfig(optimizer="rmsprop").validate()
+    with pytest.raises(MedleakError, match="--nesterov"):
+        TrainConfig(optimizer="adam", nesterov=True).validate()
+    with pytest.raises(MedleakError, match="--finetune=head needs --init_from"):
+        TrainConfig(finetune="head").validate()
+    for bad in ("auto,1", "0,1", "x", "nan"):
+        with pytest.raises(MedleakError, match="--pos_weight"):
+            TrainConfig(pos_weight=bad).validate()
+    assert TrainConfig(pos_weight="2,0.5").validate().pos_weight == "2,0.5"

@@ -45,13 +45,13 @@ def eval_set(dataset: str, table, data_root, model_labels, img_size, channels: i
     `img_size` images; `only` restricts the labels (e.g. PRIVACYDOMAIN_LABELS)."""
     from medleak.data_utils.image_cache import cached_images
 
+    labels, names = transfer_labels(dataset, table.labels(), table.label_names)
+    pairs = shared_labels(model_labels, names, only=only)  # first: no shared label is the error to see
     if table.task != "multilabel":
         raise MedleakError(f"{dataset}: evaluation across datasets scores multi-label chest X-ray models; "
                            f"this dataset is {table.task}")
     if int(table.channels) != int(channels):
         raise MedleakError(f"{dataset} has {table.channels}-channel images but the model takes {channels}")
-    labels, names = transfer_labels(dataset, table.labels(), table.label_names)
-    pairs = shared_labels(model_labels, names, only=only)
     images, cached = cached_images(table, data_root, tuple(img_size), cache_dir=cache_dir)
     if cached.n_records != table.n_records:
         raise MedleakError(f"{dataset}: the image cache left out unreadable images under {data_root}; fix them")
