@@ -184,3 +184,30 @@ def test_k_models_sharded_over_4_cpu_devices_equal_models_trained_alone():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded over 4 devices: equal" in result.stdout
+
+
+def test_a_campaign_worker_training_3_models_per_program_writes_the_runs_of_one_at_a_time(tmp_path):
+    from medleak import rundir
+    from medleak.campaign.main import CacheOptions, run_campaign
+    from medleak.config import CampaignConfig
+    from tests.layouts import write_fitzpatrick
+
+    data_root = write_fitzpatrick(tmp_path / "data", n_patients=30)
+    train_config = TrainConfig(model="small_cnn", img_size=(16, 16), epochs=2, batch_size=4, learning_rate=0.05,
+                               warmup=0, augment="weak", eval_views=2, compute_dtype="float32")
+    campaign = CampaignConfig(n_runs=4, checkpoint_minutes=0)
+    logs = []
+    runs = {}
+    for k in (1, 3):
+        logdir = tmp_path / f"k{k}"
+        summary = run_campaign("fitzpatrick", data_root=data_root, logdir=logdir, train_config=train_config,
+                               campaign_config=campaign, cache=CacheOptions(cache_dir=str(tmp_path / "cache")),
+                               log=logs.append, models_per_program=k)
+        assert sorted(summary.completed) == [0, 1, 2, 3]
+        runs[k] = [rundir.read_run(logdir, i) for i in range(4)]
+    assert "training 3 models per program on 1 device(s)" in logs
+    for one, many in zip(runs[1], runs[3]):
+        np.testing.assert_array_equal(one["record_mask"], many["record_mask"])
+        np.testing.assert_allclose(many["train_logits"], one["train_logits"], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(many["test_logits"], one["test_logits"], rtol=1e-3, atol=1e-3)
+        assert many["metrics"]["seed"] == one["metrics"]["seed"]

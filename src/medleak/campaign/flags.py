@@ -85,6 +85,9 @@ def define_flags(dataset: str, flag_values=flags.FLAGS, help_module=None) -> Non
     define("skip_unreadable", False, "leave out (and list) records whose image is missing or cannot be "
            "decoded, instead of stopping with an error")
     define("workers_per_device", 1, "worker processes sharing one GPU (each takes that share of its memory)")
+    define("models_per_program", 0, "runs this worker claims and trains together in one device program, "
+           "sharded over its devices (0: the backend's default, 1 on CPU; the GPU default is unmeasured, "
+           "see bench/RESULTS.md); each model's result is that of training it alone")
     define("external_test", "", "also score every run on other datasets' test splits over the labels they share: "
            "NAME:ROOT[,NAME:ROOT...] (e.g. mimic:/data/mimic); metrics.json's external_test")
     define("eval_only", False, "train one model on the whole training split and report its test metrics "

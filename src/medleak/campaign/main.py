@@ -117,6 +117,7 @@ class RunTrainer:
         self.trainer, self.dp = _build_trainer(train_config, train_images, self.train_labels, train_table,
                                                test_images, self.test_labels, expected_train_size)
         self.test_subgroups = {name: test_table.df[name].to_numpy() for name in test_table.subgroups}
+        self.batched = None  # BatchedTrainer, made on the first train_and_infer_many
         self.external = None
         if external_test:  # other datasets' test splits, scored by every run (evaluation/external.py)
             from medleak.evaluation.external import ExternalTests, parse_external_tests
@@ -132,23 +133,59 @@ class RunTrainer:
         `checkpoints` (`RunCheckpoints`, see `run_checkpoints`): the run resumes from its newest
         checkpoint and saves new ones there.
         """
-        from medleak.train_utils.metrics import classification_metrics
-
-        task = self.train_table.task
         train_indices = np.flatnonzero(record_mask)
-        dp_summary = None
-        if self.dp is not None:
-            from medleak.dp.accounting import format_summary
-
-            dp_summary = self.dp.summary(train_indices)
-            self.log(format_summary(dp_summary))
+        dp_summary = self._dp_summary(train_indices)
         started = time.time()
         model = self.trainer.train(train_indices, seed, progress=sys.stderr.isatty(), checkpoints=checkpoints,
                                    log_progress=progress_lines(self.log, seed, self.config.batch_size))
         trained = time.time()
-        train_logits = np.asarray(self.trainer.infer_train_views(model), dtype=np.float32)
-        test_logits = np.asarray(self.trainer.infer_test(model), dtype=np.float32)
-        inferred = time.time()
+        train_logits = self.trainer.infer_train_views(model)
+        test_logits = self.trainer.infer_test(model)
+        return self._run_contents(record_mask, model, train_logits, test_logits, dp_summary,
+                                  train_seconds=trained - started, infer_seconds=time.time() - trained)
+
+    def train_and_infer_many(self, record_masks, seeds, checkpoints, models_per_program: int) -> list:
+        """`train_and_infer` of several runs, `models_per_program` per device program
+        (train_utils/batched.py): per run its contents, or its TrainingDiverged (the others go on)."""
+        from medleak.train_utils.batched import BatchedTrainer, ModelJob
+        from medleak.train_utils.training import TrainedModel
+
+        if self.batched is None or self.batched.models_per_program != models_per_program:
+            self.batched = BatchedTrainer(self.trainer, models_per_program)
+            self.log(f"training {models_per_program} models per program on {self.batched.n_devices} device(s)")
+        indices = [np.flatnonzero(mask) for mask in record_masks]
+        dp_summaries = [self._dp_summary(rows) for rows in indices]
+        started = time.time()
+        outcomes = self.batched.train(
+            [ModelJob(rows, seed, c) for rows, seed, c in zip(indices, seeds, checkpoints)],
+            log_progress=progress_lines(self.log, seeds[0], self.config.batch_size * len(seeds)))
+        trained = time.time()
+        models = [m for m in outcomes if isinstance(m, TrainedModel)]
+        views = iter(self.batched.infer_train_views(models))
+        tests = iter(self.batched.infer_test(models))
+        infer_seconds = time.time() - trained
+        return [outcome if not isinstance(outcome, TrainedModel) else self._run_contents(
+                    mask, outcome, next(views), next(tests), dp_summary,
+                    train_seconds=trained - started, infer_seconds=infer_seconds)
+                for mask, outcome, dp_summary in zip(record_masks, outcomes, dp_summaries)]
+
+    def _dp_summary(self, train_indices):
+        if self.dp is None:
+            return None
+        from medleak.dp.accounting import format_summary
+
+        summary = self.dp.summary(train_indices)
+        self.log(format_summary(summary))
+        return summary
+
+    def _run_contents(self, record_mask, model, train_logits, test_logits, dp_summary, *, train_seconds: float,
+                      infer_seconds: float) -> dict:
+        """A trained run's files' arrays and metrics (train/test metrics, timings, DP summary)."""
+        from medleak.train_utils.metrics import classification_metrics
+
+        task = self.train_table.task
+        train_logits = np.asarray(train_logits, dtype=np.float32)
+        test_logits = np.asarray(test_logits, dtype=np.float32)
         clean = train_logits[:, 0]
         losses = np.asarray(model.losses)
         metrics = {
@@ -160,8 +197,8 @@ class RunTrainer:
             "n_train_in": int(record_mask.sum()),
             "seed": model.seed,  # a resumed run keeps its checkpoint's seed
             "config": self.config.to_dict(),
-            "timings": dict(model.timings, train_seconds=trained - started, infer_seconds=inferred - trained,
-                            compile_seconds_total=dict(self.trainer.compile_seconds)),
+            "timings": dict(model.timings, train_seconds=train_seconds, infer_seconds=infer_seconds,
+                            compile_seconds_total=self._compile_seconds()),
             "dp": dp_summary,
         }
         if self.external is not None:
@@ -170,6 +207,12 @@ class RunTrainer:
         metrics.update(rundir.environment_info())
         return dict(train_logits=train_logits, train_labels=self.train_labels, record_mask=record_mask,
                     test_logits=test_logits, test_labels=self.test_labels, metrics=metrics, model=model)
+
+    def _compile_seconds(self) -> dict:
+        seconds = dict(self.trainer.compile_seconds)
+        if self.batched is not None:
+            seconds.update({f"batched_{name}": value for name, value in self.batched.compile_seconds.items()})
+        return seconds
 
     def write_run(self, directory, contents: dict, *, save_weights: bool) -> Path:
         """Writes `train_and_infer`'s run files into `directory`; with `save_weights` also the model's
@@ -240,8 +283,14 @@ def check_init_from(train_config, dataset: str, train_table) -> None:
 
 
 def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_config, options=None,
-                 cache: CacheOptions = CacheOptions(), log=_log, external_test: str = ""):
-    """One worker of a shadow-model campaign; returns the WorkSummary when nothing is left to claim."""
+                 cache: CacheOptions = CacheOptions(), log=_log, external_test: str = "",
+                 models_per_program: int = 1):
+    """One worker of a shadow-model campaign; returns the WorkSummary when nothing is left to claim.
+
+    `models_per_program` (--models_per_program; 0: the backend's default): runs claimed and trained
+    together, K models per device program (train_utils/batched.py); each run is still its own
+    attempt, checkpoints and run directory.
+    """
     train_table, test_table = load_splits(dataset, data_root, options or {}, train_config.img_size, cache)
     check_init_from(train_config, dataset, train_table)
     queue = WorkQueue(logdir, lease_seconds=campaign_config.lease_seconds,
@@ -265,18 +314,38 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
                           expected_train_size=stored["schedule"]["expected_train_size"], cache=cache, log=log,
                           external_test=external_test)
 
-    def do_run(claim) -> Path:
-        run_index = claim.run_index
-        mask = plan.record_mask(patient_mask[run_index], record_patient_index)
-        seed = plan.run_seed(campaign_config.seed, run_index, claim.attempt)
-        contents = run_trainer().train_and_infer(
-            mask, seed, run_checkpoints(rundir.checkpoint_dir(logdir, run_index), campaign_config, log))
-        contents["metrics"].update(run=run_index, dataset=dataset, attempt=claim.attempt)
-        _log_test_metrics(log, rundir.run_dir_name(run_index), contents["metrics"])
+    def run_seed(claim):
+        return plan.run_seed(campaign_config.seed, claim.run_index, claim.attempt)
+
+    def run_mask(claim):
+        return plan.record_mask(patient_mask[claim.run_index], record_patient_index)
+
+    def checkpoints_of(claim):
+        return run_checkpoints(rundir.checkpoint_dir(logdir, claim.run_index), campaign_config, log)
+
+    def publishable(claim, contents) -> Path:
+        contents["metrics"].update(run=claim.run_index, dataset=dataset, attempt=claim.attempt)
+        _log_test_metrics(log, rundir.run_dir_name(claim.run_index), contents["metrics"])
         # published by the work queue (rundir.commit_run, which deletes the run's checkpoints)
-        return run_trainer().write_run(rundir.tmp_run_dir(logdir, run_index), contents,
+        return run_trainer().write_run(rundir.tmp_run_dir(logdir, claim.run_index), contents,
                                        save_weights=campaign_config.save_weights)
 
+    def do_run(claim) -> Path:
+        return publishable(claim, run_trainer().train_and_infer(run_mask(claim), run_seed(claim),
+                                                                checkpoints_of(claim)))
+
+    def do_runs(claims) -> list:
+        outcomes = run_trainer().train_and_infer_many(
+            [run_mask(c) for c in claims], [run_seed(c) for c in claims], [checkpoints_of(c) for c in claims],
+            models_per_program)
+        return [outcome if isinstance(outcome, BaseException) else publishable(claim, outcome)
+                for claim, outcome in zip(claims, outcomes)]
+
+    from medleak.train_utils.device import resolve_models_per_program
+
+    models_per_program = resolve_models_per_program(models_per_program)
+    if models_per_program > 1:
+        return work_loop(queue, do_runs, log=log, runs_per_claim=models_per_program)
     return work_loop(queue, do_run, log=log)
 
 
@@ -347,7 +416,7 @@ def main_from_flags(dataset: str, argv) -> int:
     if FLAGS.eval_only:
         run_eval_only(dataset, **kwargs)
     else:
-        run_campaign(dataset, **kwargs)
+        run_campaign(dataset, **kwargs, models_per_program=FLAGS.models_per_program)
     return 0
 
 

@@ -1,10 +1,11 @@
 """Process-level device settings: memory share per worker, compute dtype per backend, compile accounting.
 
-Several training processes share one GPU: small models (WRN-28-2 at 64x64) leave an H100 mostly
-idle, and measured on CPU `jax.vmap` over K models was slower than K sequential runs (see
-bench/train_throughput.py), so the campaign launches `workers_per_device` worker processes per GPU,
-each calling `configure_device_memory(workers_per_device)` before JAX touches the device. XLA then
-pre-allocates only that share of the GPU's memory in each process instead of 75 % in the first.
+Small models (WRN-28-2 at 64x64) leave an H100 mostly idle. One worker fills it by training K
+models per device program (--models_per_program, train_utils/batched.py; `resolve_models_per_program`
+gives each backend's default), sharded over every local device. The older way also remains: several
+worker processes per GPU (`workers_per_device`), each calling
+`configure_device_memory(workers_per_device)` before JAX touches the device, so XLA pre-allocates
+only that share of the GPU's memory in each process instead of 75 % in the first.
 """
 
 import contextlib
@@ -65,6 +66,30 @@ def resolve_compute_dtype(requested: str) -> str:
             native = True
         return "bfloat16" if native else "float32"
     return "float32"
+
+
+# Models per device in one training program (train_utils/batched.py) when --models_per_program=0.
+# cpu: measured, bench/train_throughput.py (K models vmapped run slower than one after another on
+# XLA:CPU, bench/RESULTS.md). gpu/tpu: UNMEASURED guesses until bench/gpu_campaign.py has run on
+# such a device (no GPU was available when they were set); WRN-28-2 at 64x64 uses a small share
+# of an H100/H200 per model, so several models per program should fill it.
+MODELS_PER_DEVICE = {"cpu": 1, "gpu": 8, "tpu": 8}
+MEASURED_MODELS_PER_DEVICE = {"cpu"}
+
+
+def resolve_models_per_program(requested: int) -> int:
+    """--models_per_program: `requested` when >= 1; 0 picks this backend's default for all of this
+    process's devices (`MODELS_PER_DEVICE` x local devices; 1 on CPU)."""
+    if requested < 0:
+        raise MedleakError(f"--models_per_program must be 0 (this backend's default) or at least 1, "
+                           f"got {requested}")
+    if requested:
+        return int(requested)
+    import jax
+
+    backend = jax.default_backend()
+    per_device = MODELS_PER_DEVICE.get(backend, 1)
+    return 1 if per_device == 1 else per_device * jax.local_device_count()
 
 
 def _backend_initialised() -> bool:
