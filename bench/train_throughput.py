@@ -14,6 +14,7 @@ augmentation or EMA) for reference, and K=4 models trained with jax.vmap vs one 
 On a GPU it adds wrn_28_2 64x64x3 at batch 256 in bfloat16 (the paper's Fitzpatrick setting).
 
     python bench/train_throughput.py [--wrn_steps 2] [--skip_wrn] [--workers N [--worker_model M]]
+    python bench/train_throughput.py --models_per_program 1,2,4,8   # models/hour, K models per program
 
 `--workers N` runs one model's measurement (`--worker_model`, default wrn_28_2, `--wrn_steps` steps per
 run) in N processes at once that share the device (each calls configure_device_memory(N) before JAX
@@ -150,8 +151,22 @@ def run_workers(n_workers, args):
     report("bench_wall_s", time.perf_counter() - started, "s")
 
 
+def models_per_program_table(ks, args):
+    """Shadow models per hour with K models per program (bench/gpu_campaign.py's measurement) for
+    small_cnn 32x32 at batch 64, extrapolated to 1,000 images x 30 epochs + 2 views (demo-sized)."""
+    from bench.gpu_campaign import measure
+
+    settings = argparse.Namespace(model="small_cnn", img_size=32, batch_size=64, steps=4, steps_per_call=None,
+                                  n_images=1000, epochs=30, views=2, infer_rows=512, eval_batch_size=256)
+    for k in ks:
+        figures = measure(settings, k, "float32")
+        report(f"small_cnn_k{k}_models_per_hour", 3600.0 / figures["seconds_per_model"], "models/h")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models_per_program", default="",
+                        help="only the K-models-per-program table, e.g. 1,2,4,8 (models/hour)")
     parser.add_argument("--wrn_steps", type=int, default=2, help="training steps per wrn_28_2 run")
     parser.add_argument("--skip_wrn", action="store_true")
     parser.add_argument("--workers", type=int, default=1)
@@ -159,6 +174,8 @@ def main():
                         help="model measured by each --workers process")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.models_per_program:
+        return models_per_program_table([int(k) for k in args.models_per_program.split(",")], args)
 
     if args.child:  # one of --workers processes: configure memory before JAX starts
         from medleak.train_utils.device import configure_device_memory
