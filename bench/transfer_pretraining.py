@@ -3,7 +3,7 @@
 Synthetic data where pretraining helps: 16x16 noise images with a bright square in grid cell k for
 each positive label k (tests/layouts.signal_image). The public dataset A (`--n_public` images,
 6 labels: one per cell) pretrains a small_cnn without DP and is saved as medleak saves models; the
-private dataset B (`--n_private` images, 3 labels with NEW names — cells 0, 2 and 4, at 0.3 of the
+private dataset B (`--n_private` images, 3 labels with NEW names — cells 0, 2 and 4, at 0.6 of the
 contrast — so the head is re-initialised) is trained with record-level DP-SGD at each ε, either
 from scratch or with `--init_from` (all parameters, and head only). Test macro AUROC on B's test
 split (1000 images), mean ± sd over `--seeds` seeds (the DP noise and the initialisation).
@@ -68,7 +68,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
     parser.add_argument("--n_public", type=int, default=2000)
-    parser.add_argument("--n_private", type=int, default=128)
+    parser.add_argument("--n_private", type=int, default=256)
     args = parser.parse_args()
     started = time.time()
     base = TrainConfig(model="small_cnn", img_size=SIZE, augment="none", eval_views=1, compute_dtype="float32",
@@ -80,8 +80,8 @@ def main():
     save_model(directory, pretrained.eval_variables, config=pre_trainer.config, n_classes=SLOTS, task="multilabel",
                channels=1, label_names=[f"public_{k}" for k in range(SLOTS)],
                trained_on=finetune.training_record("public", [f"a{i}" for i in range(args.n_public)]))
-    private_images, private_labels = make_set(args.n_private, PRIVATE_CELLS, seed=200, contrast=0.3)
-    test_images, test_labels = make_set(1000, PRIVATE_CELLS, seed=300, contrast=0.3)
+    private_images, private_labels = make_set(args.n_private, PRIVATE_CELLS, seed=200, contrast=0.6)
+    test_images, test_labels = make_set(1000, PRIVATE_CELLS, seed=300, contrast=0.6)
     names = [f"private_{k}" for k in range(len(PRIVATE_CELLS))]
     print(f"pretrained on {args.n_public} public images ({time.time() - started:.0f} s); "
           f"private {args.n_private} train / 1000 test, seeds {args.seeds}")
