@@ -6,7 +6,7 @@
 #
 #   bash scripts/transfer_all.sh
 #   A=mimic B=chexpert C=chestxray14 DATA_DIR=/data EPSILONS="1 8 inf" bash scripts/transfer_all.sh --epochs=20
-#   # tiny, on CPU (generated layouts, see tests/test_transfer_script.py):
+#   # tiny, on CPU (e.g. on tests/layouts.py generated layouts):
 #   N_RUNS=2 EPSILONS="8 inf" BOOTSTRAP=50 bash scripts/transfer_all.sh --model=small_cnn --img_size=16,16 \
 #       --epochs=1 --batch_size=4 --eval_views=2
 #
