@@ -16,11 +16,17 @@ DPI = 120
 
 
 def save(fig, out_dir, name) -> Path:
-    """Writes `name.png` and `name.pdf` atomically; closes the figure."""
+    """Writes `name.png` and `name.pdf` atomically; closes the figure.
+
+    The tight bounding box is laid out once for both files: `bbox_inches="tight"` would draw each
+    figure twice per format (four draws; ~0.1 s each, mostly tick-label layout, for ~40 figures).
+    """
     out_dir = Path(out_dir)
+    fig.draw_without_rendering()
+    bbox = fig.get_tightbbox().padded(plt.rcParams["savefig.pad_inches"])
     for ext in ("png", "pdf"):
         with atomic_path(out_dir / f"{name}.{ext}", suffix=f".{ext}") as tmp:
-            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=ext)
+            fig.savefig(tmp, dpi=DPI, bbox_inches=bbox, format=ext)
     plt.close(fig)
     return out_dir / f"{name}.png"
 
