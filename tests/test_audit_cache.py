@@ -263,3 +263,32 @@ def test_planner_samples_records_with_a_recorded_seed(monkeypatch):
     assert sampled["patients"]["sample_seed"] is None and sampled["patients"] == full["patients"]
     assert sampled == audit.run_planner(risk, 0.05, seed=1)  # seeded: the same sample again
     assert sampled["records"]["se_by_runs"] != full["records"]["se_by_runs"]
+
+
+def test_cached_attacks_equal_fresh_ones_and_skip_the_step(tmp_path, monkeypatch):
+    from medleak.privacy_utils import audit
+    from medleak.privacy_utils.calibrated import FittedCampaign
+
+    logdir = write_planted_campaign(tmp_path / "c", n_runs=8, n_patients=30)
+    options = AuditOptions(progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = audit.attack_suite(_load(logdir, cache=False), options)
+        first = audit.attack_suite(_load(logdir, cache=True), options)  # computed and stored
+        assert len(list((logdir / CACHE_DIR).glob("derived-*-attacks-*"))) == 1
+        calls = []
+        real = FittedCampaign.attack
+        monkeypatch.setattr(FittedCampaign, "attack", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+        again = audit.attack_suite(_load(logdir, cache=True), options)  # read back, not recomputed
+        assert calls == []
+        other_seed = audit.attack_suite(_load(logdir, cache=True), AuditOptions(progress=False, seed=1))
+        assert calls == [1]  # another attack option: computed again
+    assert isinstance(again.scores["LiRA online"], np.memmap)
+    for attacks in (first, again):
+        assert attacks.scores.keys() == fresh.scores.keys() and attacks.extras == fresh.extras
+        np.testing.assert_array_equal(attacks.target_masks, fresh.target_masks)
+        for name in fresh.scores:
+            np.testing.assert_array_equal(attacks.scores[name], fresh.scores[name], err_msg=name)
+            assert attacks.results[name][0] == fresh.results[name][0], name
+            np.testing.assert_array_equal(attacks.results[name][1], fresh.results[name][1], err_msg=name)
+    assert not np.array_equal(other_seed.scores["LiRA online"], fresh.scores["LiRA online"])

@@ -241,25 +241,52 @@ def record_risk_tables(campaign, options: AuditOptions, fitted: FittedCampaign |
                       patient_mask, codes)
 
 
+# The options the attack step depends on (with the runs' scores and the targets): cached attacks are
+# reused only when they match. ATTACK_FORMAT changes when the scoring of targets does.
+ATTACK_SETTINGS = ("seed", "rmia_gamma", "rmia_trim", "rmia_population")
+ATTACK_FORMAT = 1
+
+
 def attack_suite(campaign, options: AuditOptions, targets=None, fitted: FittedCampaign | None = None) -> Attacks:
     """The attack step: every attack against the held-out targets (rows `targets` of the campaign,
     default the last `n_targets`), each target with its own leave-one-out shadows, from the
-    campaign's fits (`fitted`, default `audit_fit`)."""
+    campaign's fits (`fitted`, default `audit_fit`). With the score cache, the attack scores and
+    their ROC summaries are stored with the scores for these targets and ATTACK_SETTINGS and reused
+    (a re-run with other report options skips the step)."""
     scores, masks = campaign.scores, campaign.masks
     if targets is None:
         targets = np.arange(campaign.n_runs - n_targets(campaign.n_runs, options.eval_size), campaign.n_runs)
+    targets = np.asarray(targets, dtype=np.int64)
     target_masks = masks[targets]
-    fitted = audit_fit(campaign, options) if fitted is None else fitted
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        by_variant = fitted.attack(targets, list(ATTACK_VARIANTS.values()) + [LOSS_THRESHOLD], drop_seed=options.seed,
-                                   gamma=options.rmia_gamma, n_population=options.rmia_population,
-                                   population_seed=options.seed)
-        attack_scores = {name: by_variant[variant] for name, variant in ATTACK_VARIANTS.items()}
-        # Global loss threshold (Yeom et al.): the target's own log-likelihood, no shadow models.
-        attack_scores["Loss threshold"] = by_variant[LOSS_THRESHOLD]
-        results = {name: summarise_attack(values, target_masks) for name, values in attack_scores.items()}
-    messages = sorted({str(w.message) for w in caught})
+
+    def compute():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            by_variant = (audit_fit(campaign, options) if fitted is None else fitted).attack(
+                targets, list(ATTACK_VARIANTS.values()) + [LOSS_THRESHOLD], drop_seed=options.seed,
+                gamma=options.rmia_gamma, n_population=options.rmia_population, population_seed=options.seed)
+            attack_scores = {name: by_variant[variant] for name, variant in ATTACK_VARIANTS.items()}
+            # Global loss threshold (Yeom et al.): the target's own log-likelihood, no shadow models.
+            attack_scores["Loss threshold"] = by_variant[LOSS_THRESHOLD]
+            results = {name: summarise_attack(values, target_masks) for name, values in attack_scores.items()}
+        names = list(attack_scores)
+        arrays = {}
+        for i, name in enumerate(names):
+            arrays[f"scores_{i}"], arrays[f"curves_{i}"] = attack_scores[name], results[name][1]
+        return ({"names": names, "summaries": [results[name][0] for name in names],
+                 "warnings": sorted({str(w.message) for w in caught})}, arrays)
+
+    cache = getattr(campaign, "cache", None)
+    if cache is None:
+        result, arrays = compute()
+    else:
+        store, key = cache
+        settings = {"format": ATTACK_FORMAT, "targets": targets.tolist(),
+                    **{field: getattr(options, field) for field in ATTACK_SETTINGS}}
+        result, arrays = store.derived_result(key, "attacks", settings, compute)
+    names, messages = result["names"], result["warnings"]
+    attack_scores = {name: arrays[f"scores_{i}"] for i, name in enumerate(names)}
+    results = {name: (summary, arrays[f"curves_{i}"]) for i, (name, summary) in enumerate(zip(names, result["summaries"]))}
     for message in messages:
         warnings.warn(message, stacklevel=2)
     extras = {"target_runs": campaign.run_ids[targets].tolist(), "n_targets": int(len(targets)),

@@ -12,7 +12,8 @@ its fingerprint.
 Files (`ScoreCache`): `scores.json` (the manifest: settings, one fingerprint per row, runs skipped
 for non-finite logits, the file names), `scores-<key>.npy` float32 (rows, N, V) memory-mapped on
 reuse, `masks-<key>.npy` bool (rows, N), `test_logits-<key>.npy` float32 (rows, n_test, C) and
-`derived-<key>-<name>/` (arrays computed from the scores, e.g. shadow statistics). `<key>` hashes
+`derived-<key>-<name>/` (arrays computed from the scores, e.g. shadow statistics; with the
+audit's options hashed in, `-<hash>` more: the attack step's scores and summaries, the noise floor). `<key>` hashes
 the settings and the ordered fingerprints: a run added, removed or changed gives a new key, so
 nothing derived from the old set of runs is ever read for the new one. Every file is written
 atomically (`io_utils`), the manifest last, under `.lock` (filelock): two audits started together
@@ -129,22 +130,35 @@ class ScoreCache:
         """{array name: array} computed once from the scores of `key` (`compute()` → such a dict of
         numeric arrays), stored as one .npy per array in `derived-<key>-<name>/` and memory-mapped
         on reuse. Call with the lock held or accept that two audits may both compute it."""
-        folder = self.dir / f"derived-{key}-{name}"
-        index = folder / "arrays.json"
+        return self._derived_folder(self.dir / f"derived-{key}-{name}", lambda: (None, compute()))[1]
+
+    def derived_result(self, key, name, settings, compute):
+        """(JSON-ready result, {array name: array}) computed once per scores `key` and `settings`
+        (e.g. the attack step, which depends on the targets and attack options too): `compute()` →
+        that pair, stored in `derived-<key>-<name>-<hash>/` (result.json and one .npy per array,
+        memory-mapped on reuse)."""
+        return self._derived_folder(self.dir / f"derived-{key}-{name}-{_digest(settings)[:12]}", compute)
+
+    def _derived_folder(self, folder, compute):
+        """(result or None, arrays) of `derived` / `derived_result`; arrays.json, written last, marks a complete folder."""
+        index, result_file = folder / "arrays.json", folder / "result.json"
         if index.is_file():
             try:
                 names = read_json(index)
-                return {n: load_npy(folder / f"{n}.npy", mmap=True) for n in names}
+                result = read_json(result_file) if result_file.is_file() else None
+                return result, {n: load_npy(folder / f"{n}.npy", mmap=True) for n in names}
             except (OSError, ValueError):
                 pass  # half-deleted by a newer key: compute again
-        arrays = compute()
+        result, arrays = compute()
         try:
             for n, array in arrays.items():
                 save_npy(folder / f"{n}.npy", array)
+            if result is not None:
+                write_json(result_file, result)
             write_json(index, sorted(arrays))
         except OSError as e:  # a full or read-only disk costs the reuse, not the audit
             warnings.warn(f"{folder}: not cached ({e.strerror or e})", stacklevel=2)
-        return arrays
+        return result, arrays
 
     def derived_json(self, key, name, settings, compute):
         """A JSON-ready result computed once per scores `key` and `settings` (e.g. the noise floor,
