@@ -56,10 +56,12 @@ def test_public_path_gives_the_audits_numbers(campaign):
         np.testing.assert_array_equal(scores[audit_variant(name)], values, err_msg=name)
 
     by_audit_name = {name: scores[audit_variant(name)] for name in attacks.scores}
-    public_floors = fitted.noise_floor(by_audit_name, targets, n_permutations=PERMUTATIONS, seed=options.seed)
+    public_floors = fitted.noise_floor(by_audit_name, targets, n_permutations=PERMUTATIONS,
+                                       record_permutations=options.record_permutations, seed=options.seed)
     for unit in ("patients", "records"):  # the audit keys share_above by "0.6" for JSON
         public_floors[unit]["share_above"] = {f"{t:g}": v for t, v in public_floors[unit]["share_above"].items()}
     assert public_floors == floors
+    assert floors["records"]["n_permutations"] == options.record_permutations != floors["patients"]["n_permutations"]
 
 
 def test_fits_are_made_once_and_shared(campaign, monkeypatch):

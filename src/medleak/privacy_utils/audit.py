@@ -33,6 +33,8 @@ from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESH
                                                group_differences, plan_runs)
 from medleak.privacy_utils.load import read_campaign_files
 from medleak.privacy_utils.noise_floor import AUC_GRID, DEFAULT_PERMUTATIONS
+
+RECORD_PERMUTATIONS = 50  # the audit's default for the record-level floor (--record_permutations)
 from medleak.privacy_utils.progress import Stages
 from medleak.privacy_utils.risk import RISK_THRESHOLDS, patient_risk, require_in_and_out, share_above
 from medleak.privacy_utils.rmia import DEFAULT_GAMMA, DEFAULT_POPULATION
@@ -72,6 +74,8 @@ class AuditOptions:
     fdr: float = DEFAULT_ALPHA
     risk_auc: float = DEFAULT_AUC_THRESHOLD
     permutations: int = DEFAULT_PERMUTATIONS
+    # records: 224,316 units at CheXpert size, and a record share's chance interval is narrow already
+    record_permutations: int = RECORD_PERMUTATIONS
     target_se: float = 0.02
     progress: bool = True
     cache: bool = True  # scores (and shadow statistics) reused from logdir/audit_cache/ (`cache.py`)
@@ -95,6 +99,9 @@ def check_options(options: AuditOptions) -> None:
         raise MedleakError(f"--risk_auc must lie in [0.5, 1), got {options.risk_auc}")
     if options.permutations < 20:
         raise MedleakError(f"--permutations must be at least 20 (the chance interval needs them), got {options.permutations}")
+    if options.record_permutations < 20:
+        raise MedleakError(f"--record_permutations must be at least 20 (the chance interval needs them), "
+                           f"got {options.record_permutations}")
     if not 0.0 < options.target_se < 0.5:
         raise MedleakError(f"--target_se must lie in (0, 0.5), got {options.target_se}")
     if options.data_root is not None and not Path(options.data_root).is_dir():
@@ -298,7 +305,7 @@ def attack_suite(campaign, options: AuditOptions, targets=None, fitted: FittedCa
 
 
 # The options a noise floor depends on (with the runs' scores): a cached floor is reused only when they match.
-FLOOR_SETTINGS = ("seed", "permutations", "fdr", "risk_auc", "eval_size", "rmia_gamma", "rmia_trim", "rmia_population")
+FLOOR_SETTINGS = ("seed", "permutations", "record_permutations", "fdr", "risk_auc", "eval_size", "rmia_gamma", "rmia_trim", "rmia_population")
 
 
 def cached_result(campaign, name, settings, options: AuditOptions, compute):
@@ -315,7 +322,8 @@ def noise_floors(risk: RiskTables, attacks: Attacks, options: AuditOptions, on_p
     floors = campaign_noise_floors(risk.record_summary, risk.patient_summary, risk.patient_mask, risk.record_patient,
                                    attack_scores=attacks.scores, target_masks=attacks.target_masks, alpha=options.fdr,
                                    auc_threshold=options.risk_auc, thresholds=RISK_THRESHOLDS,
-                                   n_permutations=options.permutations, seed=options.seed, on_permutation=on_permutation)
+                                   n_permutations=options.permutations, record_permutations=options.record_permutations,
+                                   seed=options.seed, on_permutation=on_permutation)
     for unit in ("patients", "records"):  # JSON keys, as in the summary's other share_above tables
         floors[unit]["share_above"] = {f"{t:g}": v for t, v in floors[unit]["share_above"].items()}
     return floors
@@ -542,7 +550,8 @@ def audit_campaign(campaign, options: AuditOptions) -> AuditResult:
         risk = record_risk_tables(campaign, options, fitted)
     with stages.stage("attacks"):
         attacks = attack_suite(campaign, options, targets, fitted)
-    with stages.stage("noise floor", total=3 * options.permutations, unit="permutation") as bar:
+    n_permutations = 2 * options.permutations + options.record_permutations  # patients, strongest attack, records
+    with stages.stage("noise floor", total=n_permutations, unit="permutation") as bar:
         floors = cached_result(campaign, "noise_floor", FLOOR_SETTINGS, options,
                                lambda: noise_floors(risk, attacks, options, on_permutation=bar.update))
     with stages.stage("subgroups"):

@@ -53,10 +53,11 @@ def loss_threshold_scores(scores, target_indices):
 
 def campaign_noise_floors(record_summary, patient_summary, patient_mask, record_patient, *, attack_scores=None,
                           target_masks=None, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD,
-                          thresholds=RISK_THRESHOLDS, n_permutations=DEFAULT_PERMUTATIONS, seed=DEFAULT_SEED,
-                          on_permutation=None):
+                          thresholds=RISK_THRESHOLDS, n_permutations=DEFAULT_PERMUTATIONS, record_permutations=None,
+                          seed=DEFAULT_SEED, on_permutation=None):
     """The campaign's noise floor: `noise_floor.share_floor` of patients (seed) and of records
-    (seed + 1), and with attacks `strongest_attack_floor` (seed + 2) — the audit's seeds.
+    (seed + 1, `record_permutations` permutations, default n_permutations), and with attacks
+    `strongest_attack_floor` (seed + 2) — the audit's seeds.
 
     record_summary (n_models, n_records), patient_summary (n_models, n_patients) float;
     patient_mask (n_models, n_patients) bool; record_patient (n_records,) int index of each record's
@@ -64,11 +65,12 @@ def campaign_noise_floors(record_summary, patient_summary, patient_mask, record_
     `on_permutation()` is called once per permutation of each floor (a progress bar).
     Returns {"patients": …, "records": …[, "strongest_attack": …]} (share_above keyed by float threshold).
     """
-    common = dict(thresholds=thresholds, alpha=alpha, auc_threshold=auc_threshold, n_permutations=n_permutations,
-                  on_permutation=on_permutation)
+    common = dict(thresholds=thresholds, alpha=alpha, auc_threshold=auc_threshold, on_permutation=on_permutation)
+    record_permutations = n_permutations if record_permutations is None else record_permutations
     floors = {
-        "patients": share_floor(patient_summary, patient_mask, seed=seed, **common),
-        "records": share_floor(record_summary, patient_mask, record_patient, seed=seed + 1, **common),
+        "patients": share_floor(patient_summary, patient_mask, seed=seed, n_permutations=n_permutations, **common),
+        "records": share_floor(record_summary, patient_mask, record_patient, seed=seed + 1,
+                               n_permutations=record_permutations, **common),
     }
     if attack_scores:
         if target_masks is None:
@@ -177,10 +179,10 @@ class FittedCampaign:
 
     def noise_floor(self, attack_scores=None, target_indices=None, *, alpha=DEFAULT_ALPHA,
                     auc_threshold=DEFAULT_AUC_THRESHOLD, thresholds=RISK_THRESHOLDS,
-                    n_permutations=DEFAULT_PERMUTATIONS, seed=DEFAULT_SEED) -> dict:
+                    n_permutations=DEFAULT_PERMUTATIONS, record_permutations=None, seed=DEFAULT_SEED) -> dict:
         """`campaign_noise_floors` of this campaign: patients' and records' shares and at_risk share
         against chance, and with `attack_scores` (an `attack` dict on `target_indices`) the chance
-        level of the strongest attack."""
+        level of the strongest attack. `record_permutations`: the records' count (default n_permutations)."""
         ids, codes, patient_mask = self.patients
         target_masks = None
         if attack_scores:
@@ -190,7 +192,7 @@ class FittedCampaign:
         return campaign_noise_floors(self.record_summary, self.patient_summary, patient_mask, codes,
                                      attack_scores=attack_scores, target_masks=target_masks, alpha=alpha,
                                      auc_threshold=auc_threshold, thresholds=thresholds,
-                                     n_permutations=n_permutations, seed=seed)
+                                     n_permutations=n_permutations, record_permutations=record_permutations, seed=seed)
 
 
 def fit_campaign(scores, masks, patient_ids=None, *, rmia_trim=RMIA_TRIM, rmia_transform=rmia_from_lira,

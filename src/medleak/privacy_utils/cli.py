@@ -28,6 +28,7 @@ AUDIT_FLAG_HELP = {
     "fdr": "False-discovery rate q of the Benjamini–Hochberg step that flags records and patients at risk.",
     "risk_auc": "A record or patient is at risk when significant after FDR control and its AUC is at least this.",
     "permutations": "Seeded permutations of each patient's IN/OUT bits that give every headline its chance level.",
+    "record_permutations": "Permutations for the record-level chance levels (fewer than --permutations: one costs a pass over every record).",
     "target_se": "Standard error of record and patient AUC the run planner sizes the campaign for.",
     "progress": "Show progress bars while runs are read, scored and audited.",
     "cache": "Reuse the scores of unchanged runs from <logdir>/audit_cache/ (written there on first use); false: read and score every run.",
