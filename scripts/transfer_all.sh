@@ -7,14 +7,14 @@
 #   bash scripts/transfer_all.sh
 #   A=mimic B=chexpert C=chestxray14 DATA_DIR=/data EPSILONS="1 8 inf" bash scripts/transfer_all.sh --epochs=20
 #   # tiny, on CPU (e.g. on tests/layouts.py generated layouts):
-#   N_RUNS=2 EPSILONS="8 inf" BOOTSTRAP=50 bash scripts/transfer_all.sh --model=small_cnn --img_size=16,16 \
+#   N_RUNS=8 EPSILONS="8 inf" BOOTSTRAP=50 bash scripts/transfer_all.sh --model=small_cnn --img_size=16,16 \
 #       --epochs=1 --batch_size=4 --eval_views=2
 #
 # Settings (environment variables):
 #   A, B, C        pretraining, fine-tuning and third dataset (chexpert, mimic, chestxray14)
 #   ROOT_A/B/C     their --data_root ($DATA_DIR/<name>); DATA_DIR ./data
 #   EPSILONS       fine-tuning ε ("1 8 inf"); DP_UNITS "record patient"
-#   FINETUNE       all or head (all);  N_RUNS shadow models per fine-tuning campaign (16)
+#   FINETUNE       all or head (all);  N_RUNS shadow models per fine-tuning campaign (16; the audit needs 8+)
 #   FT_ARGS        extra flags for the fine-tuning campaigns only (e.g. "--optimizer=nadam --learning_rate=2e-4
 #                  --weight_decay=0 --clip_norm=1.5 --pos_weight=auto", DP_CXR's recipe)
 #   BOOTSTRAP      evaluate.py's --bootstrap (1000);  AUDIT_ARGS extra flags for mem_inf_stats.py
