@@ -6,7 +6,7 @@ import scipy.stats
 
 from medleak.data_utils import chestxray14, chexpert
 from medleak.errors import MedleakError
-from medleak.evaluation import labels as transfer
+from medleak.data_utils import label_maps as transfer
 from medleak.evaluation import stats
 
 

@@ -10,7 +10,7 @@ Layout under `--data_root` (the NIH box download, or Kaggle's "nih-chest-xrays/d
     images_001/images/00000001_000.png ...   (Kaggle) or images/00000001_000.png (NIH box, extracted):
                             every folder matching --image_dirs is searched, each image found by name
 
-Labels: one 0/1 column per finding; 'No Finding' is all zeros (evaluation/labels.py derives a
+Labels: one 0/1 column per finding; 'No Finding' is all zeros (data_utils/label_maps.py derives a
 'No Finding' column from that when a model has one). The official split is patient-wise; images
 in neither list are dropped (with a warning). An image listed in the CSV but found in no image
 folder keeps the path `images/<name>`, so that the image cache reports it (or skips it with

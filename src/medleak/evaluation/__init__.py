@@ -11,7 +11,7 @@ stats.py    bootstrap AUROC CIs (patients resampled when ids are given), paired 
             rest), and evaluate_predictions() that puts them together, overall and per subgroup
 """
 
-from medleak.evaluation.labels import PRIVACYDOMAIN_LABELS, canonical_label, shared_labels, transfer_labels
+from medleak.data_utils.label_maps import PRIVACYDOMAIN_LABELS, canonical_label, shared_labels, transfer_labels
 from medleak.evaluation.stats import (
     auroc_ci,
     bootstrap_aurocs,

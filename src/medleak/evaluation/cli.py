@@ -19,7 +19,7 @@ import pandas as pd
 
 from medleak.errors import MedleakError
 from medleak.evaluation.external import eval_set
-from medleak.evaluation.labels import PRIVACYDOMAIN_LABELS, shared_labels
+from medleak.data_utils.label_maps import PRIVACYDOMAIN_LABELS, shared_labels
 from medleak.evaluation.stats import THRESHOLD_RULES, evaluate_predictions
 
 LABEL_SETS = {"shared": None, "privacydomain": PRIVACYDOMAIN_LABELS}

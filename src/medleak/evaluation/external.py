@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from medleak.errors import MedleakError
-from medleak.evaluation.labels import shared_labels, transfer_labels
+from medleak.data_utils.label_maps import shared_labels, transfer_labels
 
 
 @dataclasses.dataclass

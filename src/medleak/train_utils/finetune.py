@@ -2,7 +2,7 @@
 
 `DIR` is a model saved by medleak (`--eval_only`'s `eval_only/model/` or a run's `model/`). Every
 parameter except the classification head (`optim.HEAD`) starts from the saved one. The head keeps
-the saved rows of the labels both label sets share (`evaluation.labels.shared_labels`: CheXpert's
+the saved rows of the labels both label sets share (`data_utils.label_maps.shared_labels`: CheXpert's
 'Pleural Effusion' is ChestX-ray14's 'Effusion') and gets a fresh initialisation, from the run's
 seed, for the others; with no label in common the whole head is fresh. `--finetune=head` trains
 the head only (optim.trainable_mask: the body is a constant of the loss and gets no update).
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medleak.config import TrainConfig
+from medleak.data_utils.label_maps import shared_labels
 from medleak.errors import MedleakError
 from medleak.train_utils.optim import HEAD
 
@@ -82,8 +83,6 @@ def check_disjoint(saved, dataset: str, train_patient_ids) -> None:
 def head_columns(saved_labels, labels, saved_classes: int, n_classes: int) -> list:
     """[(saved column, new column)] of head rows kept: the labels both share (by meaning); without
     label names, all columns when the counts agree."""
-    from medleak.evaluation.labels import shared_labels
-
     if saved_labels is None or labels is None:
         return [(c, c) for c in range(n_classes)] if saved_classes == n_classes else []
     try:
