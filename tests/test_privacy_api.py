@@ -156,3 +156,27 @@ def test_bad_input_gets_one_line_errors():
     bad = scores.copy()
     bad[0, 0, 0] = np.nan
     one_line_error(api.fit_campaign(bad, masks).record_risk, match="NaN or inf")
+
+
+def test_float32_target_statistics_give_the_float64_aucs(campaign, monkeypatch):
+    from medleak.privacy_utils import attacks
+    from medleak.privacy_utils.roc import summarise_attack
+
+    targets = np.arange(10, 16)
+    members = campaign.masks[targets]
+
+    def scored():
+        return api.fit_campaign(campaign.scores, campaign.masks, campaign.records["patient_id"]).attack(targets)
+
+    assert attacks.STATS_DTYPE == np.float32
+    float32 = scored()
+    monkeypatch.setattr(attacks, "MAX_TARGETS_IN_FLIGHT", 1)  # one target at a time: the same numbers
+    for name, values in scored().items():
+        np.testing.assert_array_equal(values, float32[name], err_msg=name)
+    monkeypatch.setattr(attacks, "STATS_DTYPE", np.float64)
+    float64 = scored()
+    for name in float32:
+        fast, exact = summarise_attack(float32[name], members)[0], summarise_attack(float64[name], members)[0]
+        np.testing.assert_allclose(fast["auc"]["per_target"], exact["auc"]["per_target"], rtol=0, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(float32[name], float64[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    assert summarise_attack(float64["lira_online"], members)[0]["auc"]["mean"] > 0.55  # planted: not a comparison at chance

@@ -6,10 +6,13 @@ the shadow statistics do not depend on t's membership. The sorts happen once (`f
 each target then costs O(records × views).
 """
 
+import concurrent.futures
+
 import numpy as np
 
 from medleak.errors import MedleakError
-from medleak.privacy_utils.lira import lira_from_stats
+from medleak.privacy_utils.lira import lira_variants_from_stats
+from medleak.privacy_utils.risk import n_threads
 from medleak.privacy_utils.rmia import (DEFAULT_GAMMA, DEFAULT_POPULATION, DEFAULT_TRIM, population_indices,
                                     reference_probability, rmia_from_reference, tune_offline_a_fitted)
 from medleak.privacy_utils.shadows import fit_shadows, target_stats
@@ -18,6 +21,10 @@ LIRA_OPTIONS = {"lira_online": {}, "lira_online_fixed": {"fix_variance": True},
                 "lira_offline": {"offline": True}, "lira_offline_fixed": {"offline": True, "fix_variance": True}}
 RMIA_VARIANTS = ("rmia_online", "rmia_offline")
 VARIANTS = tuple(LIRA_OPTIONS) + RMIA_VARIANTS
+# Per-target shadow statistics are computed in float64 and stored in float32: half the memory
+# traffic of the per-target passes; scores move by ~1e-7 relative, AUCs by < 1e-6 (tested).
+STATS_DTYPE = np.float32
+MAX_TARGETS_IN_FLIGHT = 2
 
 
 def check_targets(target_indices, n_models):
@@ -102,17 +109,25 @@ def attack_targets(scores, masks, target_indices, *, variant="lira_online", drop
         elif not isinstance(a, dict):
             a = {int(t): float(a) for t in targets}
     result = {name: np.empty((len(targets), n_records)) for name in names}
-    for row, t in enumerate(targets.tolist()):
+
+    def score_target(row, t):
         if lira_names:
-            stats = target_stats(lira_fit, t, drop_seed)
+            stats = target_stats(lira_fit, t, drop_seed, dtype=STATS_DTYPE, names=("sd", "median"))
             observed = lira_fit.observed(t)
-            for name in lira_names:
-                result[name][row] = lira_from_stats(stats, observed, **LIRA_OPTIONS[name])
+            for name, values in lira_variants_from_stats(stats, observed, {n: LIRA_OPTIONS[n] for n in lira_names}).items():
+                result[name][row] = values
         if rmia_names:
-            stats = target_stats(rmia_fit, t, drop_seed)
+            stats = target_stats(rmia_fit, t, drop_seed, dtype=STATS_DTYPE, names=("mean", "trimmed"))
             observed = rmia_fit.observed(t)
             for name in rmia_names:
                 offline = name == "rmia_offline"
                 reference = reference_probability(stats, offline=offline, a=a[t] if offline else None)
                 result[name][row] = rmia_from_reference(reference, observed, gamma=gamma, population=population)
+
+    # A few targets at a time on threads (each also splits its records over threads): their
+    # whole-array steps (drop draws, Gaussian fallbacks, RMIA's population sort) overlap. Each
+    # target in flight holds ~12 (n_records, n_views) arrays, hence the cap.
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(n_threads(), len(targets), MAX_TARGETS_IN_FLIGHT))) as pool:
+        for future in [pool.submit(score_target, row, t) for row, t in enumerate(targets.tolist())]:
+            future.result()
     return result[variant] if isinstance(variant, str) else result

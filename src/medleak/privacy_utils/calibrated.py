@@ -31,13 +31,14 @@ from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESH
                                                patient_mask_from_records, patient_rank_risk, patient_summaries,
                                                record_rank_risk, record_summaries)
 from medleak.privacy_utils.noise_floor import DEFAULT_PERMUTATIONS, DEFAULT_SEED, share_floor, strongest_attack_floor
-from medleak.privacy_utils.risk import (RISK_THRESHOLDS, check_scores_masks, record_auc_from_moments,
+from medleak.privacy_utils.risk import (RISK_THRESHOLDS, check_scores_masks, map_chunks, record_auc_from_moments,
                                         require_in_and_out)
 from medleak.privacy_utils.rmia import DEFAULT_GAMMA, DEFAULT_POPULATION
 from medleak.privacy_utils.scores import log_p_from_lira, rmia_from_lira
 from medleak.privacy_utils.shadows import fit_arrays, fit_from_arrays, fit_shadows
 
 RMIA_TRIM = 0.1  # trimmed-mean fraction of RMIA's reference means: the audit's --rmia_trim default
+LOSS_CHUNK = 4096  # records per block of the loss-threshold scores
 LOSS_THRESHOLD = "loss_threshold"  # Yeom et al.: the target's own log-likelihood, no shadow models
 ATTACK_VARIANTS = VARIANTS + (LOSS_THRESHOLD,)
 
@@ -48,7 +49,15 @@ def loss_threshold_scores(scores, target_indices):
     scores = np.asarray(scores)
     if scores.ndim == 2:
         scores = scores[:, :, None]
-    return log_p_from_lira(scores[check_targets(target_indices, scores.shape[0])]).mean(axis=2)
+    targets = check_targets(target_indices, scores.shape[0])
+    result = np.empty((len(targets), scores.shape[1]))
+
+    def work(a, b):  # record blocks on threads (numpy releases the GIL), no (targets × records × views) copy
+        for row, t in enumerate(targets.tolist()):
+            result[row, a:b] = log_p_from_lira(scores[t, a:b]).mean(axis=1)
+
+    map_chunks(work, scores.shape[1], chunk=LOSS_CHUNK)
+    return result
 
 
 def campaign_noise_floors(record_summary, patient_summary, patient_mask, record_patient, *, attack_scores=None,

@@ -166,35 +166,45 @@ def _stats_pass(scores, masks, selected, medians, trim, transform, chunk, thread
     return moments, out
 
 
-def gaussian_params(stats, *, offline=False, fix_variance=False):
-    """(μ_in, σ_in, μ_out, σ_out) per record/view with the fallbacks described in the module doc."""
+def _gaussian_fit(stats):
+    """(μ_in, σ_in, μ_out, σ_out, pooled σ_in, pooled σ_out) per record/view: the medians, the
+    per-record σ with the pooled σ where a group has < 2 shadows or no spread, and a record
+    lacking a group given the other one shifted by the median IN−OUT gap (module doc)."""
     n_in, n_out = stats["n_in"], stats["n_out"]
     mu_in, mu_out = stats["median_in"].copy(), stats["median_out"].copy()
-    sd_in, sd_out = stats["sd_in"].copy(), stats["sd_out"].copy()
-    pooled_in = _pooled_sd(sd_in, n_in)
-    pooled_out = _pooled_sd(sd_out, n_out)
-    if fix_variance:
-        sd_in[:] = pooled_in
-        sd_out[:] = pooled_out
-    else:
-        sd_in[n_in < 2] = pooled_in
-        sd_out[n_out < 2] = pooled_out
-        # A zero spread (all shadows agree exactly) would make the likelihood infinite.
-        sd_in = np.where(sd_in > 0, sd_in, pooled_in)
-        sd_out = np.where(sd_out > 0, sd_out, pooled_out)
+    pooled_in = _pooled_sd(stats["sd_in"], n_in)
+    pooled_out = _pooled_sd(stats["sd_out"], n_out)
+    sd_in = np.where((n_in < 2)[:, None] | ~(stats["sd_in"] > 0), pooled_in, stats["sd_in"])
+    # A zero spread (all shadows agree exactly) would make the likelihood infinite.
+    sd_out = np.where((n_out < 2)[:, None] | ~(stats["sd_out"] > 0), pooled_out, stats["sd_out"])
     both = (n_in > 0) & (n_out > 0)
     if not both.all():  # the median gap (a sort over records) only when some record lacks a group
         gap = np.nanmedian(mu_in[both] - mu_out[both], axis=0) if both.any() else np.zeros(mu_in.shape[1])
         mu_in[n_in == 0] = mu_out[n_in == 0] + gap
         mu_out[n_out == 0] = mu_in[n_out == 0] - gap
+    return mu_in, sd_in, mu_out, sd_out, pooled_in, pooled_out
+
+
+def _warn_fallbacks(stats, offline, stacklevel):
+    n_in, n_out = stats["n_in"], stats["n_out"]
+    both = (n_in > 0) & (n_out > 0)
     if not offline and (~both).any():
         warnings.warn(
             f"{int((~both).sum())} record(s) have no IN or no OUT shadow model; their missing Gaussian "
             "is the other one shifted by the median IN−OUT gap (use more shadow models to avoid this)",
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
     if offline and (n_out == 0).any():
-        warnings.warn(f"{int((n_out == 0).sum())} record(s) have no OUT shadow model; offline LiRA uses a shifted IN Gaussian", stacklevel=3)
+        warnings.warn(f"{int((n_out == 0).sum())} record(s) have no OUT shadow model; offline LiRA uses a shifted IN Gaussian",
+                      stacklevel=stacklevel + 1)
+
+
+def gaussian_params(stats, *, offline=False, fix_variance=False):
+    """(μ_in, σ_in, μ_out, σ_out) per record/view with the fallbacks described in the module doc."""
+    mu_in, sd_in, mu_out, sd_out, pooled_in, pooled_out = _gaussian_fit(stats)
+    if fix_variance:
+        sd_in, sd_out = np.full_like(sd_in, pooled_in), np.full_like(sd_out, pooled_out)
+    _warn_fallbacks(stats, offline, stacklevel=3)
     return mu_in, sd_in, mu_out, sd_out
 
 
@@ -212,6 +222,13 @@ TARGET_CHUNK = 4096  # records per block when scoring targets: large enough to a
 
 def lira_from_stats(stats, target_scores, *, offline=False, fix_variance=False):
     """LiRA scores (n_targets, n_records) for target observations (n_targets, n_records, n_views)."""
+    return lira_variants_from_stats(stats, target_scores, {"lira": dict(offline=offline, fix_variance=fix_variance)})["lira"]
+
+
+def lira_variants_from_stats(stats, target_scores, variants):
+    """{name: LiRA scores (n_targets, n_records)} of several variants, variants = {name: {"offline":
+    bool, "fix_variance": bool}}, from one set of statistics: the Gaussians are fitted once and each
+    block of records is scored for every variant while in cache (online and offline share z_out)."""
     target_scores = np.asarray(target_scores)
     single = target_scores.ndim == 2
     if single:
@@ -221,22 +238,34 @@ def lira_from_stats(stats, target_scores, *, offline=False, fix_variance=False):
     n_records, n_views = stats["median_in"].shape
     if target_scores.shape[1:] != (n_records, n_views):
         raise MedleakError(f"target_scores {target_scores.shape} must be (n_targets, {n_records}, {n_views}) like the shadow scores")
-    mu_in, sd_in, mu_out, sd_out = gaussian_params(stats, offline=offline, fix_variance=fix_variance)
-    result = np.empty(target_scores.shape[:2])
+    mu_in, sd_in, mu_out, sd_out, pooled_in, pooled_out = _gaussian_fit(stats)
+    for offline in sorted({bool(options.get("offline")) for options in variants.values()}):
+        _warn_fallbacks(stats, offline, stacklevel=3)
+    result = {name: np.empty(target_scores.shape[:2]) for name in variants}
+    by_spread = {}  # fix_variance → {"online": [names], "offline": [names]}
+    for name, options in variants.items():
+        kind = "offline" if options.get("offline") else "online"
+        by_spread.setdefault(bool(options.get("fix_variance")), {"online": [], "offline": []})[kind].append(name)
 
     def work(a, b):  # a block of records for every target; numpy releases the GIL, so blocks run in parallel
         for t, observed in enumerate(target_scores[:, a:b]):
             observed = observed.astype(np.float64)
-            z_out = (observed - mu_out[a:b]) / sd_out[a:b]
-            if offline:
-                result[t, a:b] = special.log_ndtr(z_out).mean(axis=1)
-            else:
-                z_in = (observed - mu_in[a:b]) / sd_in[a:b]
-                log_ratio = 0.5 * (z_out * z_out - z_in * z_in) + np.log(sd_out[a:b] / sd_in[a:b])
-                result[t, a:b] = log_ratio.mean(axis=1)
+            for fixed, names in by_spread.items():
+                s_in, s_out = (pooled_in, pooled_out) if fixed else (sd_in[a:b], sd_out[a:b])
+                z_out = (observed - mu_out[a:b]) / s_out
+                if names["offline"]:
+                    score = special.log_ndtr(z_out).mean(axis=1)
+                    for name in names["offline"]:
+                        result[name][t, a:b] = score
+                if names["online"]:
+                    z_in = (observed - mu_in[a:b]) / s_in
+                    log_ratio = 0.5 * (z_out * z_out - z_in * z_in) + np.log(s_out / s_in)
+                    score = log_ratio.mean(axis=1)
+                    for name in names["online"]:
+                        result[name][t, a:b] = score
 
     map_chunks(work, n_records, chunk=TARGET_CHUNK)
-    return result[0] if single else result
+    return {name: values[0] if single else values for name, values in result.items()}
 
 
 def lira(shadow_scores, shadow_masks, target_scores, *, offline=False, fix_variance=False, stats=None):

@@ -6,10 +6,13 @@ Curves from different targets are put on one FPR grid (log-spaced, so the low-FP
 log-log plot shows is resolved) before averaging.
 """
 
+import concurrent.futures
+
 import numpy as np
 from sklearn import metrics
 
 from medleak.errors import MedleakError
+from medleak.privacy_utils.risk import n_threads
 from medleak.train_utils.metrics import auroc
 
 FPR_LEVELS = (0.001, 0.01)
@@ -60,14 +63,16 @@ def summarise_attack(target_scores, target_members, levels=FPR_LEVELS, grid=FPR_
     target_members = np.atleast_2d(np.asarray(target_members, dtype=bool))
     if target_scores.shape != target_members.shape:
         raise MedleakError(f"target scores {target_scores.shape} and memberships {target_members.shape} disagree")
-    aucs, tprs, curves = [], {lv: [] for lv in levels}, []
-    for scores, members in zip(target_scores, target_members):
-        fpr, tpr = roc_curve(scores, members)
-        aucs.append(auc_score(scores, members))
-        for lv in levels:
-            tprs[lv].append(tpr_at_fpr(fpr, tpr, lv))
-        curves.append(tpr_on_grid(fpr, tpr, grid))
-    curves = np.array(curves)
+    def one_target(row):
+        fpr, tpr = roc_curve(target_scores[row], target_members[row])
+        return auc_score(target_scores[row], target_members[row]), [tpr_at_fpr(fpr, tpr, lv) for lv in levels], tpr_on_grid(fpr, tpr, grid)
+
+    # targets on threads: their sorts release the GIL; results in target order
+    with concurrent.futures.ThreadPoolExecutor(min(n_threads(), len(target_scores))) as pool:
+        per_target = list(pool.map(one_target, range(len(target_scores))))
+    aucs = [auc for auc, _, _ in per_target]
+    tprs = {lv: [at_levels[i] for _, at_levels, _ in per_target] for i, lv in enumerate(levels)}
+    curves = np.array([curve for _, _, curve in per_target])
 
     def mean_sd(values):
         values = np.asarray(values, dtype=np.float64)

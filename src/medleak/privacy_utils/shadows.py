@@ -213,22 +213,26 @@ def dropped_models(fit_or_masks, target_index, drop_seed=0):
     return drop_in, drop_out
 
 
-def target_stats(fit, target_index, drop_seed=0):
+def target_stats(fit, target_index, drop_seed=0, *, dtype=np.float64, names=None):
     """Shadow statistics of target `target_index` with one model dropped per group (module doc).
 
     Returns the dict `lira.shadow_stats` returns — (n_records, n_views) float64 `mean_in,
     mean_out, sd_in, sd_out` (population sd), with medians `median_in, median_out`, with trim
     `trimmed_in, trimmed_out`, and int (n_records,) `n_in, n_out` — so `lira.lira_from_stats`
     and `rmia.reference_probability` take it unchanged. Entries of an empty group are NaN.
+    `dtype`: of the returned arrays (computed in float64 either way; the attacks store float32:
+    half the memory traffic, AUCs unchanged to 1e-6); `names`: only these of mean, sd, median,
+    trimmed (default all the fit has).
     """
     drops = dropped_models(fit, target_index, drop_seed)
     n_records, n_views = fit.groups["in"]["mean"].shape
     counts = (fit.n_in, fit.n_out)
     out = {"n_in": np.maximum(fit.n_in - 1, 0), "n_out": np.maximum(fit.n_out - 1, 0)}
-    names = ["mean", "sd"] + (["median"] if fit.medians else []) + (["trimmed"] if fit.trim is not None else [])
+    available = ["mean", "sd"] + (["median"] if fit.medians else []) + (["trimmed"] if fit.trim is not None else [])
+    names = available if names is None else [name for name in available if name in names]
     for g in GROUPS:
         for name in names:
-            out[f"{name}_{g}"] = np.empty((n_records, n_views))
+            out[f"{name}_{g}"] = np.empty((n_records, n_views), dtype)
 
     def work(a, b):
         record = np.arange(a, b)
@@ -238,21 +242,27 @@ def target_stats(fit, target_index, drop_seed=0):
             dropped = (raw_dropped if fit.transform is None else fit.transform(raw_dropped)).astype(np.float64)
             m = (n - 1).astype(np.float64)[:, None]
             empty = (n <= 1)[:, None]  # nothing left after the drop
+            any_empty = bool(empty.any())  # usually not: then no pass to blank nothing
+
+            def blank(x, empty=empty, any_empty=any_empty):
+                return np.where(empty, np.nan, x) if any_empty else x
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean = stats["mean"][a:b]
                 new_mean = (n[:, None] * mean - dropped) / m
-                m2 = np.maximum(stats["m2"][a:b] - (dropped - mean) * (dropped - new_mean), 0.0)
-                out[f"mean_{g}"][a:b] = np.where(empty, np.nan, new_mean)
-                out[f"sd_{g}"][a:b] = np.where(empty, np.nan, np.sqrt(m2 / m))
-                if fit.medians:
+                if "mean" in names:
+                    out[f"mean_{g}"][a:b] = blank(new_mean)
+                if "sd" in names:
+                    m2 = np.maximum(stats["m2"][a:b] - (dropped - mean) * (dropped - new_mean), 0.0)
+                    out[f"sd_{g}"][a:b] = blank(np.sqrt(m2 / m))
+                if "median" in names:
                     lo = np.where(stats["raw_lo"][a:b] < raw_dropped, stats["lo"][a:b], stats["lo_next"][a:b])
                     hi = np.where(stats["raw_hi"][a:b] < raw_dropped, stats["hi"][a:b], stats["hi_next"][a:b])
-                    out[f"median_{g}"][a:b] = np.where(empty, np.nan, 0.5 * (lo.astype(np.float64) + hi))
-                if fit.trim is not None:
+                    out[f"median_{g}"][a:b] = blank(0.5 * (lo.astype(np.float64) + hi))
+                if "trimmed" in names:
                     removed = np.where(raw_dropped < stats["raw_trim_lo"][a:b], stats["trim_lo"][a:b],
                                        np.where(raw_dropped > stats["raw_trim_hi"][a:b], stats["trim_hi"][a:b], dropped))
                     kept = m - 2 * trim_cut(n, fit.trim)[:, None]
-                    out[f"trimmed_{g}"][a:b] = np.where(empty, np.nan, (stats["trim_sum"][a:b] - removed) / kept)
+                    out[f"trimmed_{g}"][a:b] = blank((stats["trim_sum"][a:b] - removed) / kept)
 
     map_chunks(work, n_records, chunk=TARGET_BLOCK)
     return out
