@@ -25,7 +25,10 @@ def test_comparison_rows_carry_each_files_auroc_largest_parity_gap_and_attack_ri
     audits = tmp_path / "audits" / "record_eps8"  # as scripts/transfer_all.sh names them
     audits.mkdir(parents=True)
     (audits / "attack_summary.json").write_text(json.dumps(
-        {"attacks": {"lira": {"auc": 0.55}, "rmia": {"auc": 0.61}}, "patient_risk": {"mean": 0.52, "n_at_risk": 3}}))
+        {"attacks": {"LiRA online": {"auc": {"mean": 0.55, "sd": 0.01}}, "RMIA online": {"auc": {"mean": 0.61, "sd": 0.02}}},
+         "patient_risk": {"mean": 0.52, "n_at_risk": 3},
+         "noise_floor": {"strongest_attack": {"max_auc": {"observed": 0.61, "chance_mean": 0.52}},
+                         "patients": {"at_risk": {"observed": 0.03, "chance_mean": 0.001}}}}))
     table = comparison_table(tmp_path, tmp_path / "audits", in_domain="mimic")
     assert len(table) == 3
     for row in table.itertuples():
@@ -36,7 +39,8 @@ def test_comparison_rows_carry_each_files_auroc_largest_parity_gap_and_attack_ri
         assert row.spd_sex_max == max(gaps)
         assert row.domain == ("in" if row.dataset == "mimic" else "out")
         if row.epsilon == 8:
-            assert row.attack_auc_best == 0.61 and row.patients_at_risk == 3
+            assert row.attack_auc_best == 0.61 and row.patients_at_risk == 3 and row.attack_auc_chance == 0.52
+            assert row.patients_at_risk_share == 0.03 and row.patients_at_risk_chance == 0.001
         else:
             assert row.attack_auc_best is None or np.isnan(row.attack_auc_best)
     page = write_comparison(tmp_path, tmp_path / "out", tmp_path / "audits", "mimic")

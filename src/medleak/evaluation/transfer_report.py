@@ -30,11 +30,19 @@ def _largest(per_label) -> float | None:
 
 
 def attack_risk(summary: dict) -> dict:
-    """The attack-risk columns of one campaign's attack_summary.json."""
-    aucs = [a.get("auc") for a in summary.get("attacks", {}).values() if isinstance(a, dict) and a.get("auc") is not None]
+    """The attack-risk columns of one campaign's attack_summary.json (`privacy_utils.audit`): the
+    strongest attack's mean AUC over held-out targets and its chance level, patients at risk and
+    their chance share (the audit's noise floor)."""
+    aucs = [a["auc"]["mean"] for a in summary.get("attacks", {}).values()]
+    floor = summary.get("noise_floor", {})
+    strongest = floor.get("strongest_attack", {}).get("max_auc", {})
+    at_risk = floor.get("patients", {}).get("at_risk", {})
     return {"attack_auc_best": max(aucs) if aucs else None,
+            "attack_auc_chance": strongest.get("chance_mean"),
             "patient_risk_mean_auc": summary.get("patient_risk", {}).get("mean"),
-            "patients_at_risk": summary.get("patient_risk", {}).get("n_at_risk")}
+            "patients_at_risk": summary.get("patient_risk", {}).get("n_at_risk"),
+            "patients_at_risk_share": at_risk.get("observed"),
+            "patients_at_risk_chance": at_risk.get("chance_mean")}
 
 
 def comparison_table(eval_dir, audit_dir=None, in_domain: str | None = None) -> pd.DataFrame:
