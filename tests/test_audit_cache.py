@@ -292,3 +292,17 @@ def test_cached_attacks_equal_fresh_ones_and_skip_the_step(tmp_path, monkeypatch
             assert attacks.results[name][0] == fresh.results[name][0], name
             np.testing.assert_array_equal(attacks.results[name][1], fresh.results[name][1], err_msg=name)
     assert not np.array_equal(other_seed.scores["LiRA online"], fresh.scores["LiRA online"])
+
+
+def test_strongest_attack_floor_on_threads_equals_one_thread():
+    from medleak.privacy_utils.noise_floor import strongest_attack_floor
+
+    rng = np.random.default_rng(5)
+    patients = np.repeat(np.arange(40), 1 + np.arange(40) % 3)
+    target_masks = (np.argsort(rng.random((40, 6)), axis=1) < 3).T[:, patients]
+    attack_scores = {name: rng.normal(size=target_masks.shape) + shift * target_masks for name, shift in (("a", 0.0), ("b", 0.8))}
+    calls = []
+    one = strongest_attack_floor(attack_scores, target_masks, patients, n_permutations=30, seed=2, threads=1)
+    many = strongest_attack_floor(attack_scores, target_masks, patients, n_permutations=30, seed=2, threads=3,
+                                  on_permutation=lambda: calls.append(1))
+    assert one == many and len(calls) == 30 and one["strongest"] == "b"

@@ -251,7 +251,7 @@ def record_risk_tables(campaign, options: AuditOptions, fitted: FittedCampaign |
 # The options the attack step depends on (with the runs' scores and the targets): cached attacks are
 # reused only when they match. ATTACK_FORMAT changes when the scoring of targets does.
 ATTACK_SETTINGS = ("seed", "rmia_gamma", "rmia_trim", "rmia_population")
-ATTACK_FORMAT = 1
+ATTACK_FORMAT = 2
 
 
 def attack_suite(campaign, options: AuditOptions, targets=None, fitted: FittedCampaign | None = None) -> Attacks:

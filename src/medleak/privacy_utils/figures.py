@@ -13,6 +13,9 @@ from medleak.privacy_utils.risk import esf  # noqa: E402
 
 ESF_GRID = np.linspace(0.5, 1.0, 201)
 DPI = 120
+# Titles placed at the top of the axes (where matplotlib's automatic placement puts them when nothing
+# is drawn above an axes): the automatic placement lays out the tick labels again at every draw.
+TITLE_Y = 1.0
 
 
 def save(fig, out_dir, name) -> Path:
@@ -47,12 +50,12 @@ def roc_figure(attacks, grid, out_dir, name="roc"):
         ax.set_ylabel("true-positive rate")
     ax_lin.set_xlim(0, 1)
     ax_lin.set_ylim(0, 1)
-    ax_lin.set_title("ROC (linear): mean ± sd over target models")
+    ax_lin.set_title("ROC (linear): mean ± sd over target models", y=TITLE_Y)
     ax_log.set_xscale("log")
     ax_log.set_yscale("log")
     ax_log.set_xlim(1e-4, 1)
     ax_log.set_ylim(1e-4, 1)
-    ax_log.set_title("ROC (log-log): the low-FPR regime")
+    ax_log.set_title("ROC (log-log): the low-FPR regime", y=TITLE_Y)
     ax_lin.legend(fontsize=7, loc="lower right")
     return save(fig, out_dir, name)
 
@@ -84,7 +87,7 @@ def esf_figure(values, out_dir, name, title, unit, chance=None, grid=None):
     ax.set_xlim(0.5, 1.0)
     ax.set_xlabel("attack AUC x")
     ax.set_ylabel(f"share of {unit} with AUC > x")
-    ax.set_title(title)
+    ax.set_title(title, y=TITLE_Y)
     ax.legend()
     return save(fig, out_dir, name)
 
@@ -98,7 +101,7 @@ def subgroup_esf_figure(groups, out_dir, name, attribute):
     ax.set_xlim(0.5, 1.0)
     ax.set_xlabel("patient attack AUC x")
     ax.set_ylabel("share of patients with AUC > x")
-    ax.set_title(f"Patient risk by {attribute}")
+    ax.set_title(f"Patient risk by {attribute}", y=TITLE_Y)
     ax.legend(fontsize=7)
     return save(fig, out_dir, name)
 
@@ -114,7 +117,7 @@ def composition_figure(table, test, out_dir, name, attribute):
         ax.annotate(f"{residual:+.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, categories, rotation=30, ha="right")
     ax.set_ylabel("share of patients")
-    ax.set_title(f"{attribute}: χ² = {test['chi2']:.1f}, dof = {test['dof']}, p = {test['p_value']:.2g}\n(numbers: Pearson residuals)", fontsize=10)
+    ax.set_title(f"{attribute}: χ² = {test['chi2']:.1f}, dof = {test['dof']}, p = {test['p_value']:.2g}\n(numbers: Pearson residuals)", fontsize=10, y=TITLE_Y)
     ax.legend(fontsize=8)
     return save(fig, out_dir, name)
 
@@ -129,11 +132,11 @@ def utility_privacy_figure(utility, privacy, out_dir, name, attribute):
     ax_u.set_xticks(x, categories, rotation=30, ha="right")
     ax_u.set_ylim(0.0, 1.0)
     ax_u.set_ylabel("test AUROC (mean ± sd over models)")
-    ax_u.set_title(f"Utility by {attribute}")
+    ax_u.set_title(f"Utility by {attribute}", y=TITLE_Y)
     ax_p.bar(x, privacy["at_risk_share"], color="tab:red")
     ax_p.set_xticks(x, categories, rotation=30, ha="right")
     ax_p.set_ylabel("share of patients at risk (FDR-controlled)")
-    ax_p.set_title(f"Privacy risk by {attribute}")
+    ax_p.set_title(f"Privacy risk by {attribute}", y=TITLE_Y)
     return save(fig, out_dir, name)
 
 
@@ -147,7 +150,7 @@ def vulnerable_grid(images, captions, out_dir, name="vulnerable_images"):
         ax.axis("off")
     for ax, image, caption in zip(axes.ravel(), images, captions):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
-        ax.set_title(caption, fontsize=8)
+        ax.set_title(caption, fontsize=8, y=TITLE_Y)
     fig.suptitle("Most vulnerable images (highest record AUC)")
     return save(fig, out_dir, name)
 
@@ -172,7 +175,7 @@ def budget_esf_figure(curves, out_dir, name, title, unit):
     ax.set_xlim(0.5, 1.0)
     ax.set_xlabel("attack AUC x")
     ax.set_ylabel(f"share of {unit} with AUC > x")
-    ax.set_title(title)
+    ax.set_title(title, y=TITLE_Y)
     ax.legend(fontsize=7)
     return save(fig, out_dir, name)
 
@@ -209,7 +212,7 @@ def utility_vs_epsilon_figure(table, out_dir, name):
     _epsilon_ticks(ax, epsilons, x)
     ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("utility (mean ± sd over models)")
-    ax.set_title("Utility against the privacy budget")
+    ax.set_title("Utility against the privacy budget", y=TITLE_Y)
     ax.legend(fontsize=8)
     return save(fig, out_dir, name)
 
@@ -227,6 +230,6 @@ def subgroup_utility_vs_epsilon_figure(table, out_dir, name, attribute):
     _epsilon_ticks(ax, all_epsilons, all_x)
     ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("test macro AUROC (mean ± sd over models)")
-    ax.set_title(f"Utility by {attribute} against ε")
+    ax.set_title(f"Utility by {attribute} against ε", y=TITLE_Y)
     ax.legend(fontsize=7)
     return save(fig, out_dir, name)

@@ -153,19 +153,7 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
         u2 = np.rint(2.0 * rank_sums(ranks, permuted, unit_patient) - offset).astype(np.int64)
         curves[b], at_threshold[b], at_risk[b] = headlines(u2)
 
-    # The noise is drawn in order from one generator (the same permutations as one thread would
-    # make); the sorts and sums, which release the GIL, run on `threads` threads, a few in flight.
-    threads = n_threads() if threads is None else max(1, int(threads))
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        in_flight = collections.deque()
-        for b in range(n_permutations):
-            in_flight.append(pool.submit(permutation, b, rng.random(patient_mask.shape[::-1])))
-            if len(in_flight) > threads:
-                in_flight.popleft().result()
-            if on_permutation:
-                on_permutation()
-        for future in in_flight:
-            future.result()
+    _permutations(permutation, lambda: rng.random(patient_mask.shape[::-1]), n_permutations, threads, on_permutation)
     curve, shares, risk_share = headlines(observed["u2"])
     return {
         "seed": int(seed), "n_permutations": int(n_permutations), "confidence": float(confidence),
@@ -173,6 +161,23 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
         "share_above": {t: compare_to_chance(shares[i], at_threshold[:, i], confidence) for i, t in enumerate(thresholds)},
         "at_risk": compare_to_chance(risk_share, at_risk, confidence),
     }
+
+
+def _permutations(permutation, draw, n_permutations, threads=None, on_permutation=None):
+    """permutation(b, draw()) for b in range(n_permutations). The noise is drawn in order from one
+    generator (the same permutations as one thread would make); the partitions and sums, which
+    release the GIL, run on `threads` threads (default `risk.n_threads()`), a few in flight."""
+    threads = n_threads() if threads is None else max(1, int(threads))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        in_flight = collections.deque()
+        for b in range(n_permutations):
+            in_flight.append(pool.submit(permutation, b, draw()))
+            if len(in_flight) > threads:
+                in_flight.popleft().result()
+            if on_permutation:
+                on_permutation()
+        for future in in_flight:
+            future.result()
 
 
 def _midranks(summaries, chunk=UNIT_CHUNK):
@@ -196,7 +201,7 @@ def rank_sums(ranks, patient_rows, unit_patient, block=RANK_SUM_BLOCK):
 
 
 def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permutations=DEFAULT_PERMUTATIONS,
-                           seed=DEFAULT_SEED, confidence=0.95, on_permutation=None):
+                           seed=DEFAULT_SEED, confidence=0.95, threads=None, on_permutation=None):
     """Chance level of the strongest attack's AUC, permuting target membership per patient.
 
     attack_scores: {attack name: (n_targets, n_records) float} membership scores of the held-out
@@ -205,7 +210,8 @@ def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permut
     over targets of the AUC over records (ties ½); each permutation shuffles every patient's column
     of the target patient mask across the targets (its number of IN targets kept) and recomputes
     all attacks from record ranks computed once. A target left with no member or no non-member
-    record by a permutation is skipped in that mean.
+    record by a permutation is skipped in that mean. Permutations run on `threads` threads (the
+    result does not depend on it).
 
     Returns a JSON-ready dict: seed, n_permutations, confidence, strongest (the attack with the
     highest observed AUC), max_auc (`compare_to_chance` of max over attacks: the chance level of the
@@ -239,10 +245,12 @@ def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permut
     observed = attack_aucs(target_masks)
     rng = np.random.default_rng(seed)
     chance = np.empty((n_permutations, len(names)))
-    for b in range(n_permutations):
-        chance[b] = attack_aucs(permute_patient_mask(target_patient_mask, rng)[:, codes])
-        if on_permutation:
-            on_permutation()
+    counts = target_patient_mask.sum(axis=0)
+
+    def permutation(b, noise):  # permute_patient_mask(target_patient_mask, rng), its noise drawn in order
+        chance[b] = attack_aucs(_relabel(counts, noise)[:, codes])
+
+    _permutations(permutation, lambda: rng.random(target_patient_mask.shape[::-1]), n_permutations, threads, on_permutation)
     return {
         "seed": int(seed), "n_permutations": int(n_permutations), "confidence": float(confidence),
         "strongest": names[int(np.argmax(observed))],
