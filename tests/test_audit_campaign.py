@@ -192,7 +192,8 @@ def test_record_without_out_model_is_refused(tmp_path):
     (dict(rmia_gamma=0.0), "--rmia_gamma"), (dict(rmia_population=0), "--rmia_population"),
     (dict(eval_size=-1), "--eval_size"), (dict(eval_size=17), "--eval_size=17 .* at most 16"),
     (dict(data_root="/nonexistent/medleak"), "--data_root"), (dict(fdr=0.0), "--fdr"), (dict(risk_auc=0.4), "--risk_auc"),
-    (dict(permutations=5), "--permutations"), (dict(target_se=0.0), "--target_se"),
+    (dict(permutations=5), "--permutations"), (dict(record_permutations=5), "--record_permutations"),
+    (dict(target_se=0.0), "--target_se"),
 ])
 def test_bad_audit_options_are_refused_naming_the_flag(planted_campaign, tmp_path, options, flag):
     logdir, _ = planted_campaign

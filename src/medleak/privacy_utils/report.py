@@ -217,8 +217,9 @@ def audit_page(out_dir, summary, attacks, patient_table, privacy_table, utility_
         "share of (IN model, OUT model) pairs in which the IN model scores it higher, with an exact p-value. A patient "
         "is scored as one unit per model (the mean of its images' standardised scores), so a patient with many images "
         f"is not flagged more often by chance. <i>At risk</i>: q-value ≤ {summary['fdr']:g} (Benjamini–Hochberg over "
-        f"patients) and AUC ≥ {summary['risk_auc']:g}. Chance levels: {floors['patients']['n_permutations']} seeded "
-        "permutations of each patient's IN/OUT bits across models.</p>",
+        f"patients) and AUC ≥ {summary['risk_auc']:g}. Chance levels: seeded permutations of each patient's "
+        f"IN/OUT bits across models ({floors['patients']['n_permutations']} for patients, "
+        f"{floors['records']['n_permutations']} for records).</p>",
         table_html(pd.DataFrame(share_rows)),
         figure_html(figs["esf_records"], "Share of images whose attack AUC exceeds x",
                     "Read a point (x, y) as: a share y of images can be attacked with AUC above x. The y-axis is "
