@@ -15,6 +15,12 @@ On a GPU it adds wrn_28_2 64x64x3 at batch 256 in bfloat16 (the paper's Fitzpatr
 
     python bench/train_throughput.py [--wrn_steps 2] [--skip_wrn] [--workers N [--worker_model M]]
     python bench/train_throughput.py --models_per_program 1,2,4,8   # models/hour, K models per program
+    python bench/train_throughput.py --shadow_model [--eval_batch_size B]  # seconds per WRN-28-2 shadow model
+
+`--shadow_model` times issue 14's CPU setting: a WRN-28-2 shadow model at 32x32x3 with Fitzpatrick's
+training defaults (batch 256, `weak` augmentation) but 2 epochs, on a random half of 541 records,
+then 2-view inference of all 541: seconds per model (a run after the first, compiling one), its
+training and inference seconds and the inference share (target <= 0.15), and the first run's.
 
 `--workers N` runs one model's measurement (`--worker_model`, default wrn_28_2, `--wrn_steps` steps per
 run) in N processes at once that share the device (each calls configure_device_memory(N) before JAX
@@ -163,10 +169,50 @@ def models_per_program_table(ks, args):
         report(f"small_cnn_k{k}_models_per_hour", 3600.0 / figures["seconds_per_model"], "models/h")
 
 
+SHADOW_RECORDS = 541  # issue 14's CPU setting
+
+
+def shadow_model(args):
+    """Seconds per shadow model (train + multi-view inference), issue 14's CPU setting."""
+    import dataclasses
+
+    import numpy as np
+
+    from medleak.config import dataset_train_config
+    from medleak.train_utils.training import Trainer
+
+    images, labels = synthetic(SHADOW_RECORDS, (32, 32, 3), 3)
+    config = dataclasses.replace(dataset_train_config("fitzpatrick"), model="wrn_28_2", img_size=(32, 32), epochs=2,
+                                 eval_views=2)
+    trainer = Trainer(config, images, labels, "multiclass", expected_train_size=SHADOW_RECORDS // 2,
+                      eval_batch_size=args.eval_batch_size)
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed in range(args.shadow_runs):
+        rows = np.sort(rng.choice(SHADOW_RECORDS, SHADOW_RECORDS // 2, replace=False))
+        started = time.perf_counter()
+        model = trainer.train(rows, seed=seed, progress=False)
+        trained = time.perf_counter()
+        trainer.infer_train_views(model)
+        runs.append((trained - started, time.perf_counter() - trained))
+    report("shadow_eval_batch_size", trainer.eval_batch_size)
+    report("shadow_first_run_s", sum(runs[0]), "s")
+    train_s, infer_s = min(runs[1:], key=sum)
+    report("shadow_train_s", train_s, "s")
+    report("shadow_infer_s", infer_s, "s")
+    report("shadow_seconds_per_model", train_s + infer_s, "s")
+    report("shadow_inference_share", infer_s / (train_s + infer_s))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models_per_program", default="",
                         help="only the K-models-per-program table, e.g. 1,2,4,8 (models/hour)")
+    parser.add_argument("--shadow_model", action="store_true",
+                        help="only seconds per WRN-28-2 shadow model in issue 14's CPU setting")
+    parser.add_argument("--shadow_runs", type=int, default=3, help="runs of --shadow_model (the first compiles)")
+    parser.add_argument("--eval_batch_size", type=int, default=None,
+                        help="--shadow_model's rows per inference call (default: the Trainer's)")
     parser.add_argument("--wrn_steps", type=int, default=2, help="training steps per wrn_28_2 run")
     parser.add_argument("--skip_wrn", action="store_true")
     parser.add_argument("--workers", type=int, default=1)
@@ -176,6 +222,8 @@ def main():
     args = parser.parse_args()
     if args.models_per_program:
         return models_per_program_table([int(k) for k in args.models_per_program.split(",")], args)
+    if args.shadow_model:
+        return shadow_model(args)
 
     if args.child:  # one of --workers processes: configure memory before JAX starts
         from medleak.train_utils.device import configure_device_memory

@@ -564,26 +564,26 @@ class Trainer:
 
     # -- inference --
 
-    def _logits_program(self, name: str, variables, images, n_views: int):
+    def _view_logits(self, name: str, variables, images, n_views: int, progress: bool = False) -> np.ndarray:
+        """(N, V, C) logits of `images`, by a program compiled once per name, in balanced batches."""
         if name not in self._inference:
             started = time.perf_counter()
-            self._inference[name] = inference.compile_view_logits(
-                self.model, variables, images, self.eval_batch_size, n_views, self.config.augment)
+            batch_size = inference.balanced_batch_size(images.shape[0], self.eval_batch_size)
+            self._inference[name] = batch_size, inference.compile_view_logits(
+                self.model, variables, images, batch_size, n_views, self.config.augment)
             self.compile_seconds[name] = time.perf_counter() - started
-        return self._inference[name]
+        batch_size, program = self._inference[name]
+        return inference.view_logits(program, variables, images, batch_size, progress=progress)
 
     def infer_train_views(self, model: TrainedModel, progress: bool = False) -> np.ndarray:
         """float32 (N, V, C) logits of every training row under the config's `eval_views` views."""
-        program = self._logits_program("infer_train", model.eval_variables, self.images, self.config.eval_views)
-        return inference.view_logits(program, model.eval_variables, self.images, self.eval_batch_size,
-                                     progress=progress)
+        return self._view_logits("infer_train", model.eval_variables, self.images, self.config.eval_views, progress)
 
     def infer_test(self, model: TrainedModel) -> np.ndarray:
         """float32 (n_test, C) logits of the clean test images."""
         if self.test_images is None:
             raise MedleakError("this Trainer was built without test images: pass test_images/test_labels")
-        program = self._logits_program("infer_test", model.eval_variables, self.test_images, 1)
-        return inference.view_logits(program, model.eval_variables, self.test_images, self.eval_batch_size)[:, 0]
+        return self._view_logits("infer_test", model.eval_variables, self.test_images, 1)[:, 0]
 
     def evaluate(self, model: TrainedModel, subgroups: dict | None = None) -> dict:
         """Test accuracy, macro AUROC and AUROC per label, overall and per subgroup value."""
