@@ -193,3 +193,15 @@ def test_dp_config_without_a_dp_estimator_is_refused(data):
         Trainer(config(epsilon=8.0), train_images, train_labels, "multiclass")
     with pytest.raises(MedleakError, match="--ema_decay"):
         Trainer(config(ema_decay=1.0), train_images, train_labels, "multiclass")
+
+
+def test_balanced_batch_size_uses_fewest_calls_and_least_padding():
+    from medleak.train_utils.inference import balanced_batch_size
+
+    for n_rows in (1, 7, 181, 256, 257, 541, 1000):
+        for max_batch in (1, 16, 256):
+            batch = balanced_batch_size(n_rows, max_batch)
+            calls = -(-n_rows // batch)
+            assert batch <= max_batch and calls == -(-n_rows // max_batch)  # no extra call
+            assert calls * batch - n_rows < calls  # under one padded row per call
+    assert balanced_batch_size(541, 256) == 181
