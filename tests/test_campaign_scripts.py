@@ -63,7 +63,8 @@ def check_campaign(logdir, dataset, n_runs):
 
 @pytest.mark.slow
 def test_fitzpatrick_script_trains_eight_runs_then_does_nothing_refuses_other_configs_and_plots(tmp_path):
-    data_root = layouts.write_fitzpatrick(tmp_path / "data" / "fitzpatrick", n_patients=16, size=(20, 20))
+    # 32 patients: a run then holds at least one full batch of 8 (the plan refuses less)
+    data_root = layouts.write_fitzpatrick(tmp_path / "data" / "fitzpatrick", n_patients=32, size=(20, 20))
     logdir = tmp_path / "logs" / "fitzpatrick"
     common = [f"--data_root={data_root}", f"--logdir={logdir}", f"--cache_dir={tmp_path / 'cache'}"]
     result = run_script("fitzpatrick", *common, "--n_runs=8", *TINY)
