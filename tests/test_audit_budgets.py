@@ -283,6 +283,7 @@ def test_truncation_loosens_the_bound_a_little():
     assert budgets.auc_bound(dict(facts, target_epsilon=math.inf)) == 1.0
 
 
+@pytest.mark.slow
 def test_bound_over_runs_groups_neighbours_and_never_undercuts_a_run():
     runs = [dict(target_epsilon=2.0, epsilon=2.0, delta=DELTA, noise_multiplier=sigma, sampling_rate=q, steps=1, unit="record")
             for sigma, q in ((2.0, 1.0), (2.2, 1.0), (1.9, 0.9))]

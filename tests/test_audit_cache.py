@@ -99,6 +99,7 @@ def test_small_read_blocks_give_the_same_scores(tmp_path):
     np.testing.assert_array_equal(whole, blocks)
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_audits_write_identical_tables(tmp_path, scored_paths):
     logdir = write_planted_campaign(tmp_path / "c", n_runs=16, n_patients=60)
     outputs = {}

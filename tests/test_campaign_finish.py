@@ -55,6 +55,7 @@ class PartialRunWatcher:
             time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_three_workers_one_killed_mid_run_the_others_finish_every_run_exactly_once(tmp_path):
     # A lease far longer than the test: only the same-host dead-owner check can free the run in time.
     settings = dict(n_runs=6, lease=600.0)
@@ -99,6 +100,7 @@ def test_a_killed_runs_checkpoint_keeps_its_attempt(tmp_path):
     assert not rundir.checkpoint_dir(tmp_path / "logdir", 0).exists()  # deleted once published
 
 
+@pytest.mark.slow
 def test_a_waiting_worker_takes_over_a_claim_of_another_host_when_its_lease_expires(tmp_path):
     (tmp_path / "go").touch()
     logdir = tmp_path / "logdir"

@@ -180,6 +180,7 @@ def assert_no_partial_runs(logdir, n_runs):
 
 # -- tests -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_three_workers_finish_nine_runs_exactly_once_and_a_rerun_does_nothing(tmp_path):
     workers = [start_worker(tmp_path, run_seconds=0.4) for _ in range(3)]
     wait_for(lambda: len(events_of(tmp_path, "ready")) == 3)
@@ -240,6 +241,7 @@ def test_a_killed_workers_run_is_reclaimed_at_once_by_a_worker_on_its_host(tmp_p
     assert "run_0000: started (attempt 2/3)" in out
 
 
+@pytest.mark.slow
 def test_a_terminated_worker_gives_its_claim_back_at_once(tmp_path):
     (tmp_path / "go").touch()
     settings = dict(n_runs=1, lease=300.0, run_seconds=1.0)
@@ -255,6 +257,7 @@ def test_a_terminated_worker_gives_its_claim_back_at_once(tmp_path):
     assert "run_0000: started (attempt 1/3)" in out and "run 1/1 done" in out
 
 
+@pytest.mark.slow
 def test_heartbeat_keeps_runs_longer_than_the_lease(tmp_path):
     settings = dict(n_runs=2, lease=1.5, run_seconds=4.0)
     workers = [start_worker(tmp_path, **settings) for _ in range(2)]
@@ -332,6 +335,7 @@ def test_workers_racing_to_create_the_plan_produce_one_plan(tmp_path):
     np.testing.assert_array_equal(rundir.load_patient_mask(tmp_path / "logdir"), np.array(plans[0]["mask"], bool))
 
 
+@pytest.mark.slow
 def test_workers_claiming_four_runs_at_a_time_finish_every_run_once_and_a_failing_run_alone_retries(tmp_path):
     workers = [start_worker(tmp_path, n_runs=10, runs_per_claim=4, run_seconds=0.2, max_attempts=2,
                             fail_always=[5], fail_once=[2]) for _ in range(2)]

@@ -11,7 +11,7 @@ from medleak.dp import accounting, estimator, sampling
 from medleak.errors import MedleakError
 
 
-@pytest.mark.parametrize("target_epsilon", [1.0, pytest.param(2.0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("target_epsilon", [pytest.param(1.0, marks=pytest.mark.slow), pytest.param(2.0, marks=pytest.mark.slow)])
 def test_calibrated_sigma_recomputes_to_the_target_with_a_fresh_accountant(target_epsilon):
     q, steps, n_units, delta = 0.05, 40, 2000, 1 / 2000
     max_units = sampling.padded_unit_count(n_units, q)
@@ -30,6 +30,7 @@ def test_calibrated_sigma_recomputes_to_the_target_with_a_fresh_accountant(targe
     assert untruncated == pytest.approx(pld, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_plan_dp_run_records_what_a_fresh_accountant_reproduces():
     config = TrainConfig(epsilon=1.0, delta=0.0, clip_norm=0.8, dp_unit="patient",
                          batch_size=60, epochs=2, norm="group")

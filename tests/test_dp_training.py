@@ -59,6 +59,7 @@ def test_patient_level_dp_training_compiles_once_and_records_its_guarantee(data)
     assert len(trainer._programs) == 1
 
 
+@pytest.mark.slow
 def test_dp_without_noise_or_clipping_trains_like_the_masked_mean(data):
     """The DP estimator inside the real Trainer, at sigma=0 and a huge clip norm, takes the same
     steps as the default estimator would on the same (Poisson) batches."""

@@ -79,7 +79,7 @@ def test_init_from_refuses_another_architecture_and_the_same_dataset(tmp_path):
                          np.zeros((4, 1), np.float32), "multilabel")
 
 
-@pytest.mark.parametrize("dp", [False, True])
+@pytest.mark.parametrize("dp", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_head_only_finetuning_trains_the_head_and_leaves_the_body_as_saved(tmp_path, dp):
     labels = ["Cardiomegaly", "Edema"]
     directory, saved = _saved(tmp_path, labels)

@@ -61,9 +61,12 @@ def assert_trees_close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(norm="batch"), dict(epsilon=8.0, clip_norm=1.0),
-                                       dict(epsilon=8.0, clip_norm=1.0, dp_unit="patient")],
-                         ids=["groupnorm", "batchnorm", "dp_record", "dp_patient"])
+# The fast suite keeps the GroupNorm case; BatchNorm and DP-SGD (σ calibration dominates) are slow.
+@pytest.mark.parametrize("overrides", [
+    pytest.param(dict(), id="groupnorm"),
+    pytest.param(dict(norm="batch"), id="batchnorm", marks=pytest.mark.slow),
+    pytest.param(dict(epsilon=8.0, clip_norm=1.0), id="dp_record", marks=pytest.mark.slow),
+    pytest.param(dict(epsilon=8.0, clip_norm=1.0, dp_unit="patient"), id="dp_patient", marks=pytest.mark.slow)])
 def test_k_batched_models_equal_models_trained_alone(overrides):
     trainer, dp = make_trainer(config(**overrides))
     # DP: two sizes, so two noise multipliers in one program and only two sigma calibrations (slow)
@@ -88,6 +91,7 @@ def test_k_batched_models_equal_models_trained_alone(overrides):
         np.testing.assert_allclose(test, trainer.infer_test(one), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_short_batch_is_padded_and_reuses_the_program():
     from medleak.train_utils.device import count_compilations
 
@@ -124,6 +128,7 @@ def test_a_diverging_model_is_masked_out_and_the_others_go_on():
                                    rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_checkpoints_are_per_run_and_an_interrupted_batch_resumes(tmp_path):
     trainer, _ = make_trainer(config(epochs=4))
     rows = run_rows(2)
@@ -177,6 +182,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_k_models_sharded_over_4_cpu_devices_equal_models_trained_alone():
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -186,6 +192,7 @@ def test_k_models_sharded_over_4_cpu_devices_equal_models_trained_alone():
     assert "sharded over 4 devices: equal" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_campaign_worker_training_3_models_per_program_writes_the_runs_of_one_at_a_time(tmp_path):
     from medleak import rundir
     from medleak.campaign.main import CacheOptions, run_campaign

@@ -188,6 +188,7 @@ def test_resnet9_refuses_small_images_naming_img_size():
         create_model("resnet9", 2, activation="gelu")
 
 
+@pytest.mark.slow
 def test_mish_is_x_tanh_softplus_and_changes_resnet9_outputs():
     x = np.linspace(-6, 6, 25)
     np.testing.assert_allclose(np.asarray(mish(jnp.asarray(x))), x * np.tanh(np.log1p(np.exp(x))), rtol=1e-6,

@@ -118,6 +118,7 @@ def test_views_are_the_clean_image_its_flip_then_fixed_augmentations(trained, da
     np.testing.assert_array_equal(trainer.infer_train_views(model), views)  # fixed view keys
 
 
+@pytest.mark.slow
 def test_several_steps_per_device_call_train_the_same_model(trained, data):
     """The accelerator path (lax.scan over an epoch per call) matches one step per call."""
     trainer, model, _, _, _ = trained
@@ -138,6 +139,7 @@ def test_timings_separate_compile_and_step_time(trained):
     assert timings["total_seconds"] >= timings["compile_seconds"] + timings["step_seconds"]
 
 
+@pytest.mark.slow
 def test_bfloat16_batch_norm_multilabel_with_accumulation_trains():
     rng = np.random.default_rng(1)
     images, labels = patch_dataset(64, rng, multilabel=True)
