@@ -272,3 +272,9 @@ def _number(value: float) -> str:
 def _percent(fraction: float) -> str:
     value = fraction * 100
     return f"{value:.0f} %" if math.isclose(value, round(value)) else f"{value:g} %"
+
+
+def runs_in_per_patient(n_runs: int, subset_ratio: float) -> int:
+    """How many runs every patient is IN for: subset_ratio * n_runs rounded half up (the plan's rule,
+    also used by the audit's run planner)."""
+    return int(math.floor(subset_ratio * n_runs + 0.5))

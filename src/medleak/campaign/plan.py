@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medleak.config import CampaignConfig, TrainConfig
+from medleak.config import CampaignConfig, TrainConfig, runs_in_per_patient
 from medleak.errors import MedleakError
 from medleak.io_utils import save_npy, write_csv, write_json
 from medleak.rundir import (MASK_FILE, PATIENTS_FILE, PLAN_FILE, RECORDS_FILE, TEST_RECORDS_FILE,
@@ -38,11 +38,6 @@ from medleak.rundir import (MASK_FILE, PATIENTS_FILE, PLAN_FILE, RECORDS_FILE, T
 PLAN_FORMAT = 2
 # TrainConfig fields whose flag value "auto" is resolved per backend when the plan is made.
 BACKEND_CHOICES = ("compute_dtype",)
-
-
-def runs_in_per_patient(n_runs: int, subset_ratio: float) -> int:
-    """How many runs every patient is IN for: subset_ratio * n_runs rounded half up."""
-    return int(np.floor(subset_ratio * n_runs + 0.5))
 
 
 def make_patient_mask(n_runs: int, n_patients: int, subset_ratio: float, seed: int) -> np.ndarray:

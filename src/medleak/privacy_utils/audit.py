@@ -17,7 +17,6 @@ curves and the strongest attack come from seeded permutations of each patient's 
 
 import dataclasses
 import functools
-import math
 import re
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medleak.config import runs_in_per_patient
 from medleak.errors import MedleakError
 from medleak.io_utils import write_csv, write_json
 from medleak.privacy_utils import figures, report
@@ -342,7 +342,7 @@ def run_planner(risk: RiskTables, target_se: float, seed: int = 0) -> dict:
     share_in = float(risk.patient_mask.sum(axis=0).mean() / risk.patient_mask.shape[0])
 
     def runs_in(n):
-        return int(math.floor(share_in * n + 0.5))
+        return runs_in_per_patient(n, share_in)
 
     out = {}
     for stream, (unit, summaries, unit_patient) in enumerate((
