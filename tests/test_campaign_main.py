@@ -90,3 +90,42 @@ def test_a_sigkilled_workers_run_resumes_from_its_checkpoint_to_the_uninterrupte
     np.testing.assert_allclose(run["test_logits"], reference["test_logits"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run["train_logits"], reference["train_logits"], rtol=1e-5, atol=1e-5)
     assert not rundir.checkpoint_dir(logdir, 0).exists()  # deleted once published
+
+
+def test_a_campaign_planned_under_the_old_steps_rule_trains_its_stored_schedule(tmp_path):
+    """plan.json's schedule is the campaign's: a worker of a medleak whose steps-per-epoch rule
+    changed since (ceil(n / B) before, nearest whole batch now) trains the stored steps, not its own."""
+    import numpy as np
+
+    from medleak import rundir
+    from medleak.campaign import plan
+    from medleak.campaign.main import run_campaign
+    from medleak.config import CampaignConfig
+    from medleak.io_utils import write_json
+    from medleak.train_utils.training import steps_per_epoch
+
+    data_root = write_chexpert(tmp_path / "data", n_patients=16)
+    cache = CacheOptions(cache_dir=str(tmp_path / "cache"))
+    train, test = load_splits("chexpert", data_root, {}, (16, 16), cache)
+    campaign = CampaignConfig(n_runs=1, subset_ratio=0.5)
+    expected = plan.expected_train_size(train.n_records, campaign.subset_ratio)
+    batch_size = next(b for b in range(2, expected + 1) if plan.format_1_steps_per_epoch(expected, b)
+                      != steps_per_epoch(expected, b) and expected // b >= 1)
+    config = TrainConfig(model="small_cnn", img_size=(16, 16), epochs=2, batch_size=batch_size, augment="none",
+                         eval_views=1)
+    logdir = tmp_path / "logs"
+    document = plan.plan_document("chexpert", train, test, plan.resolve_train_config(config, train), campaign)
+    plan.ensure_plan(logdir, document, train, test)
+    stored = rundir.read_plan(logdir)
+    old_per_epoch = plan.format_1_steps_per_epoch(expected, batch_size)  # as a plan made before the rule changed
+    stored["schedule"] = plan.schedule_block(expected, old_per_epoch, config.epochs)
+    write_json(logdir / rundir.PLAN_FILE, stored)
+
+    summary = run_campaign("chexpert", data_root=data_root, logdir=logdir, train_config=config,
+                           campaign_config=campaign, cache=cache, log=lambda message: None)
+    assert sorted(summary.completed) == [0]
+    timings = rundir.read_run(logdir, 0)["metrics"]["timings"]
+    assert timings["steps_per_epoch"] == old_per_epoch != steps_per_epoch(expected, batch_size)
+    assert timings["steps"] == old_per_epoch * config.epochs
+    assert rundir.read_plan(logdir)["schedule"] == stored["schedule"]  # followed, not re-planned
+    assert np.isfinite(rundir.read_run(logdir, 0)["test_logits"]).all()

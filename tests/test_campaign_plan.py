@@ -300,3 +300,15 @@ def test_the_model_is_built_on_the_planned_image_size(monkeypatch):
     with pytest.raises(MedleakError) as info:
         plan.check_model_input(config, channels=3, n_classes=5)
     assert str(info.value) == "--img_size=6,10: --model=small_cnn cannot take images of this size; use --img_size=16,16"
+
+
+def test_a_migrated_format_1_plan_keeps_the_steps_it_ran_and_workers_train_them(tmp_path):
+    train, test = make_tables()  # 6 records per run; format 1 took ceil(6 / 5) = 2 batches an epoch
+    plan.ensure_plan(tmp_path, document(train, test, epochs=4, warmup=0.25, batch_size=5), train, test)
+    write_json(tmp_path / rundir.PLAN_FILE, format_1_plan(train, test, epochs=4, warmup=0.25, batch_size=5))
+    migrated = plan.migrate_plan(tmp_path)
+    assert migrated["schedule"] == {"expected_train_size": 6, "steps_per_epoch": 2, "steps": 8}
+    wanted = document(train, test, epochs=4, warmup=0.25, batch_size=5)
+    assert wanted["schedule"]["steps_per_epoch"] == 1  # today's rule: the nearest whole batch
+    stored, _, created = plan.ensure_plan(tmp_path, wanted, train, test)
+    assert not created and stored["schedule"] == migrated["schedule"]

@@ -132,9 +132,35 @@ def test_epoch_schedule_has_fixed_shape_and_uses_rows_evenly():
         # Within each pass over the data no row repeats before all were seen.
         stream = batches["indices"].ravel()
         assert len(set(stream[:n_rows])) == n_rows
-    assert training.steps_per_epoch(100, 32) == 4
     with pytest.raises(MedleakError, match="no training records"):
         training.epoch_schedule(np.array([], dtype=int), rng, batch_size=8, steps_per_epoch=2, epochs=1)
+
+
+@pytest.mark.parametrize("n_rows,batch_size,steps", [
+    (270, 256, 1),  # issue 14's CPU setting: 270 images an epoch, not 512
+    (400, 256, 2), (100, 256, 1), (3700, 256, 14), (384, 256, 2), (383, 256, 1), (100, 32, 3), (512, 256, 2)])
+def test_an_epoch_is_the_nearest_whole_number_of_full_batches(n_rows, batch_size, steps):
+    assert training.steps_per_epoch(n_rows, batch_size) == steps
+    assert abs(steps * batch_size - n_rows) <= batch_size / 2 or n_rows < batch_size / 2
+
+
+def test_over_a_run_every_row_is_used_equally_often_to_within_one():
+    rows = np.random.default_rng(0).choice(1000, 270, replace=False)
+    for epochs in (1, 2, 7):
+        per_epoch = training.steps_per_epoch(rows.size, 64)  # 4 batches: 256 of 270 rows an epoch
+        batches = training.epoch_schedule(rows, np.random.default_rng(epochs), batch_size=64,
+                                          steps_per_epoch=per_epoch, epochs=epochs)
+        assert batches["indices"].shape == (epochs * per_epoch, 64)
+        counts = np.bincount(batches["indices"].ravel(), minlength=1000)[rows]
+        assert counts.max() - counts.min() <= 1 and counts.sum() == epochs * per_epoch * 64
+
+
+def test_a_stored_steps_per_epoch_overrides_the_rule():
+    assert training.planned_steps_per_epoch(None, 270, 256) == 1
+    assert training.planned_steps_per_epoch(2, 270, 256) == 2  # a plan made under ceil(n / B)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(MedleakError, match="plan.json"):
+            training.planned_steps_per_epoch(bad, 270, 256)
 
 
 @pytest.mark.parametrize("name", ["adam", "nadam"])

@@ -98,7 +98,10 @@ class RunTrainer:
     """Everything one worker process needs to train runs: cached images and one compiled Trainer."""
 
     def __init__(self, train_table, test_table, train_config, data_root, *, expected_train_size: int,
-                 cache: CacheOptions = CacheOptions(), log=_log, external_test: str = ""):
+                 steps_per_epoch: int | None = None, cache: CacheOptions = CacheOptions(), log=_log,
+                 external_test: str = ""):
+        """`expected_train_size`, `steps_per_epoch`: a campaign's plan.json schedule (steps per
+        epoch default to the Trainer's rule: run_eval_only)."""
         from medleak.data_utils.image_cache import cached_images
 
         started = time.time()
@@ -115,7 +118,7 @@ class RunTrainer:
         self.train_labels = train_table.labels()
         self.test_labels = test_table.labels()
         self.trainer, self.dp = _build_trainer(train_config, train_images, self.train_labels, train_table,
-                                               test_images, self.test_labels, expected_train_size)
+                                               test_images, self.test_labels, expected_train_size, steps_per_epoch)
         self.test_subgroups = {name: test_table.df[name].to_numpy() for name in test_table.subgroups}
         self.batched = None  # BatchedTrainer, made on the first train_and_infer_many
         self.external = None
@@ -247,13 +250,15 @@ def run_checkpoints(directory, campaign_config, log=_log):
     return RunCheckpoints(directory, every_seconds=60.0 * minutes, log=log)
 
 
-def _build_trainer(config, train_images, train_labels, train_table, test_images, test_labels, expected_train_size):
+def _build_trainer(config, train_images, train_labels, train_table, test_images, test_labels, expected_train_size,
+                   stored_steps_per_epoch=None):
     """(the worker's Trainer, its DpTraining or None); the Trainer compiles on its first run.
 
     With --epsilon set, DP-SGD (src/medleak/dp) replaces the batch schedule (Poisson sampling of records or
-    patients) and the gradient estimator (clip, sum, add noise); nothing else changes.
+    patients) and the gradient estimator (clip, sum, add noise); nothing else changes. Both train
+    `stored_steps_per_epoch` (the plan's) when given, so DP accounts for the steps the run takes.
     """
-    from medleak.train_utils.training import Trainer, config_model, steps_per_epoch
+    from medleak.train_utils.training import Trainer, config_model, planned_steps_per_epoch
 
     initial = {}
     if config.init_from:  # every run starts from the same pretrained weights (train_utils/finetune.py)
@@ -261,16 +266,16 @@ def _build_trainer(config, train_images, train_labels, train_table, test_images,
 
         initial["initial_variables"] = pretrained_initializer(
             config, config_model(config, train_labels.shape[1]), train_labels.shape[1], train_table.label_names)
+    steps_per_epoch = planned_steps_per_epoch(stored_steps_per_epoch, expected_train_size, config.batch_size)
     if not config.dp:
         return Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
-                       expected_train_size=expected_train_size, **initial), None
+                       expected_train_size=expected_train_size, steps_per_epoch=steps_per_epoch, **initial), None
     from medleak.dp.estimator import DpTraining
 
-    dp = DpTraining(config, train_table.df["patient_id"].astype(str).to_numpy(),
-                    steps_per_epoch(expected_train_size, config.batch_size))
+    dp = DpTraining(config, train_table.df["patient_id"].astype(str).to_numpy(), steps_per_epoch)
     trainer = Trainer(config, train_images, train_labels, train_table.task, test_images, test_labels,
-                      expected_train_size=expected_train_size, schedule_fn=dp.schedule_fn,
-                      gradient_estimator=dp.gradient_estimator, **initial)
+                      expected_train_size=expected_train_size, steps_per_epoch=steps_per_epoch,
+                      schedule_fn=dp.schedule_fn, gradient_estimator=dp.gradient_estimator, **initial)
     return trainer, dp
 
 
@@ -311,7 +316,8 @@ def run_campaign(dataset: str, *, data_root, logdir, train_config, campaign_conf
     def run_trainer():
         # built on the first claim only: a worker with nothing to do never decodes or compiles
         return RunTrainer(train_table, test_table, train_config, data_root,
-                          expected_train_size=stored["schedule"]["expected_train_size"], cache=cache, log=log,
+                          expected_train_size=stored["schedule"]["expected_train_size"],
+                          steps_per_epoch=stored["schedule"]["steps_per_epoch"], cache=cache, log=log,
                           external_test=external_test)
 
     def run_seed(claim):

@@ -90,11 +90,33 @@ def expected_train_size(n_train_records: int, subset_ratio: float) -> int:
 
 
 def step_schedule(train_config: TrainConfig, n_train_records: int, subset_ratio: float) -> dict:
-    """The `schedule` block of plan.json: optimiser steps every run of the campaign takes."""
+    """The `schedule` block of plan.json: optimiser steps every run of the campaign takes
+    (the Trainer's rule, `training.steps_per_epoch`: an epoch is one pass over a run's rows)."""
+    from medleak.train_utils.training import steps_per_epoch
+
     expected = expected_train_size(n_train_records, subset_ratio)
-    per_epoch = max(1, math.ceil(expected / train_config.batch_size))
-    return {"expected_train_size": int(expected), "steps_per_epoch": int(per_epoch),
-            "steps": int(per_epoch * train_config.epochs)}
+    return schedule_block(expected, steps_per_epoch(expected, train_config.batch_size), train_config.epochs)
+
+
+def schedule_block(expected: int, per_epoch: int, epochs: int) -> dict:
+    """plan.json's `schedule`: records per run, steps per epoch and steps in all."""
+    return {"expected_train_size": int(expected), "steps_per_epoch": int(per_epoch), "steps": int(per_epoch * epochs)}
+
+
+def format_1_steps_per_epoch(expected: int, batch_size: int) -> int:
+    """Steps per epoch as format-1 campaigns trained them (and format-2 plans made before the
+    nearest-batch rule, whose plan.json stores them): ceil(n / B), up to one batch more than a pass."""
+    return max(1, math.ceil(expected / batch_size))
+
+
+def follow_stored_schedule(document: dict, stored: dict) -> dict:
+    """`document` with the stored plan's steps: a campaign trains the schedule it was planned with,
+    even if a later medleak computes steps per epoch differently (the inputs, records, subset ratio,
+    batch size and epochs, are compared as the rest of the plan is)."""
+    schedule = stored.get("schedule")
+    if not isinstance(schedule, dict) or schedule.get("expected_train_size") != document["schedule"]["expected_train_size"]:
+        return document
+    return dict(document, schedule=dict(schedule))
 
 
 # -- what can be checked before any run trains --------------------------------------------------
@@ -365,6 +387,7 @@ def ensure_plan(logdir, document: dict, train_table, test_table,
         check_format(logdir, stored)
         if requested is not None:
             document = follow_plan(document, stored, requested)
+        document = follow_stored_schedule(document, stored)
         check_plan(logdir, stored, document)
         mask = load_patient_mask(logdir)
         if check is not None:
@@ -389,7 +412,7 @@ def migrate_plan(logdir) -> dict:
 
     Format 1 stored the warm-up in epochs (`warmup_epochs`); the same number of warm-up steps is
     the fraction warmup_epochs / epochs of all steps. The `schedule` block is computed as the
-    format-1 campaign ran. Returns the new document.
+    format-1 campaign ran (`format_1_steps_per_epoch`). Returns the new document.
     """
     logdir = Path(logdir)
     stored = read_plan(logdir)
@@ -406,9 +429,10 @@ def migrate_plan(logdir) -> dict:
                            "format 2 cannot express (warm-up < all steps); start a new --logdir")
     config["warmup"] = warmup_epochs / config["epochs"]
     train_config = TrainConfig.from_dict(config)
+    expected = expected_train_size(stored["n_train_records"], stored["campaign"]["subset_ratio"])
     migrated = dict(stored, format=PLAN_FORMAT, train_config=train_config.to_dict(),
-                    schedule=step_schedule(train_config, stored["n_train_records"],
-                                           stored["campaign"]["subset_ratio"]),
+                    schedule=schedule_block(expected, format_1_steps_per_epoch(expected, train_config.batch_size),
+                                            train_config.epochs),
                     migrated=f"from format {stored['format']} on {_now()}")
     write_json(logdir / superseded_plan_file(stored["format"]), stored)
     write_json(logdir / PLAN_FILE, migrated)

@@ -16,8 +16,9 @@ The step is factored in three replaceable parts so DP-SGD (src/medleak/dp/) plug
 1. **Batch schedule** — `schedule_fn(train_indices, rng) -> {"indices": (S, B) int32,
    "mask": (S, B) bool, ...}`: S steps of B slots; `mask` is False for padded slots. The default,
    `epoch_schedule`, cuts a stream of epoch permutations into a fixed number of full batches
-   (`steps_per_epoch` from `expected_train_size`, so runs with a few more or fewer rows keep the
-   same shapes). A Poisson sampler returns padded batches of a fixed maximum size with the mask set.
+   (`steps_per_epoch`: the nearest whole number of batches in `expected_train_size` rows, so an
+   epoch is one pass over a run's rows to within half a batch, and runs with a few more or fewer
+   rows keep the same shapes). A Poisson sampler returns padded batches of a fixed maximum size with the mask set.
    Extra entries with a leading step axis, (S, ...) (e.g. a per-step noise multiplier, or a
    per-slot patient id for patient-level clipping), reach the gradient estimator as that step's
    slice, untouched. All runs of a Trainer must
@@ -72,8 +73,23 @@ class TrainingDiverged(RuntimeError):
 # --- 1. batch schedule ---------------------------------------------------------------------------
 
 def steps_per_epoch(expected_train_size: int, batch_size: int) -> int:
-    """Optimiser steps per epoch for a run of `expected_train_size` rows (at least 1)."""
-    return max(1, math.ceil(expected_train_size / batch_size))
+    """Optimiser steps per epoch for a run of `expected_train_size` rows: the nearest whole number
+    of full batches, floor(n / B + 0.5), at least 1.
+
+    An epoch then covers the run's rows to within half a batch (rounding up, 270 rows at batch 256
+    would train 512 images an epoch); `epoch_schedule` carries the rest of a permutation over to
+    the next epoch, so every row is still used equally often to within one over the run.
+    """
+    return max(1, (2 * expected_train_size + batch_size) // (2 * batch_size))  # integer floor(n/B + 0.5)
+
+
+def planned_steps_per_epoch(stored: int | None, expected_train_size: int, batch_size: int) -> int:
+    """`stored` (a campaign plan's schedule, which may predate today's rule) or else the rule's."""
+    if stored is None:
+        return steps_per_epoch(expected_train_size, batch_size)
+    if int(stored) != stored or stored < 1:
+        raise MedleakError(f"steps per epoch must be a positive whole number, got {stored}: check plan.json's schedule")
+    return int(stored)
 
 
 def epoch_schedule(train_indices, rng: np.random.Generator, *, batch_size: int, steps_per_epoch: int,
@@ -325,7 +341,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, train_images, train_labels, task: str, test_images=None,
                  test_labels=None, *, expected_train_size: int | None = None, schedule_fn=None,
                  gradient_estimator=None, eval_batch_size: int | None = None, steps_per_call: int | None = None,
-                 initial_variables=None):
+                 initial_variables=None, steps_per_epoch: int | None = None):
         """
         Args:
           config: the TrainConfig every model of this Trainer uses.
@@ -335,6 +351,9 @@ class Trainer:
           test_images, test_labels: optional test set for `infer_test` / `evaluate`.
           expected_train_size: rows a run is expected to train on (e.g. subset_ratio * N); fixes
             steps per epoch for every run. Defaults to N.
+          steps_per_epoch: overrides `steps_per_epoch(expected_train_size, batch_size)`; a campaign
+            passes its plan's stored schedule, so a worker trains the steps the campaign was planned
+            with even if the rule changed since.
           schedule_fn: `(train_indices, rng) -> batch dict` replacing `epoch_schedule` (DP sampling).
           gradient_estimator: replaces `mean_gradient(config.grad_accum)` (DP-SGD).
           eval_batch_size: rows per inference call (default: the micro-batch size,
@@ -381,7 +400,7 @@ class Trainer:
         self.model_loss = ModelLoss(self.model, task, None if weights is None else tuple(weights.tolist()),
                                     None if config.finetune == "all" else functools.partial(optim.trainable_mask, config))
         self.expected_train_size = int(expected_train_size or self.n_train)
-        self.steps_per_epoch = steps_per_epoch(self.expected_train_size, config.batch_size)
+        self.steps_per_epoch = planned_steps_per_epoch(steps_per_epoch, self.expected_train_size, config.batch_size)
         self.schedule_fn = schedule_fn or functools.partial(
             epoch_schedule, batch_size=config.batch_size, steps_per_epoch=self.steps_per_epoch,
             epochs=config.epochs)
