@@ -16,6 +16,7 @@ from medleak.io_utils import load_npy, read_json, save_npy
 from medleak.privacy_utils import scoring
 from medleak.privacy_utils.audit import AuditOptions, run_audit
 from medleak.privacy_utils.cache import CACHE_DIR, MANIFEST
+from medleak.privacy_utils.calibration import unit_ranks
 from medleak.privacy_utils.load import read_campaign_files, validate_runs
 from medleak.privacy_utils.scores import lira_scores
 from medleak.privacy_utils.scoring import LiraKernel, load_campaign, score_runs
@@ -255,7 +256,8 @@ def test_planner_samples_records_with_a_recorded_seed(monkeypatch):
     patient_mask = (np.argsort(rng.random((40, 16)), axis=1) < 8).T
     record_patient = np.repeat(np.arange(40), 3)
     summaries = rng.normal(size=(16, 120)).astype(np.float32)
-    risk = audit.RiskTables(None, None, None, summaries, summaries[:, ::3], patient_mask, record_patient)
+    risk = audit.RiskTables(None, None, None, summaries, summaries[:, ::3], patient_mask, record_patient,
+                            unit_ranks(summaries), unit_ranks(summaries[:, ::3]))
     full = audit.run_planner(risk, 0.05, seed=1)
     assert full["records"]["n_units"] == 120 and full["records"]["sample_seed"] is None
     monkeypatch.setattr(audit, "PLANNER_MAX_UNITS", 50)

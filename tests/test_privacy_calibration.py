@@ -127,6 +127,25 @@ def test_many_tied_models_fall_back_to_the_tie_corrected_normal_approximation():
         assert result["p_value"][unit] == pytest.approx(expected.pvalue, rel=1e-9)
 
 
+def test_unit_ranks_are_scipys_midranks_and_flag_exactly_the_tied_units():
+    rng = np.random.default_rng(30)
+    summaries = rng.normal(size=(40, 300)).astype(np.float32)
+    summaries[:, :60] = np.round(summaries[:, :60])  # ties within a unit
+    summaries[:, 60:70] = 1.5                        # every model ties
+    summaries[:3, 70] = [0.0, -0.0, 2.0]             # -0 and +0 tie
+    ranked = calibration.unit_ranks(summaries, chunk=7, threads=2)
+    np.testing.assert_array_equal(ranked.ranks, stats.rankdata(summaries.astype(np.float64), axis=0).T)
+    expected_tied = [np.unique(summaries[:, u]).size < summaries.shape[0] for u in range(summaries.shape[1])]
+    np.testing.assert_array_equal(ranked.tied, expected_tied)
+    assert ranked.tied[:71].all() and not ranked.tied[71:].any()
+    masks = np.stack([rng.permutation(40) < 17 for _ in range(300)], axis=1)
+    given, fresh = calibration.rank_auc(summaries, masks, ranks=ranked), calibration.rank_auc(summaries, masks)
+    for name in fresh:
+        np.testing.assert_array_equal(given[name], fresh[name], err_msg=name)
+    with pytest.raises(MedleakError, match="ranks"):
+        calibration.rank_auc(summaries[:, :5], masks[:, :5], ranks=ranked)
+
+
 def test_rank_auc_matches_pair_loop_and_standard_errors():
     rng = np.random.default_rng(5)
     n_models, n_units = 9, 30
@@ -307,9 +326,8 @@ def test_share_floor_matches_slow_loop():
     grid, thresholds = [0.5, 0.6, 0.75], (0.6, 0.9)
     floor = noise_floor.share_floor(summaries, patient_mask, codes, grid=grid, thresholds=thresholds,
                                     alpha=0.3, auc_threshold=0.55, n_permutations=4, seed=5)
-    rng = np.random.default_rng(5)
     slow_curves, slow_risk = [], []
-    for _ in range(4):
+    for rng in noise_floor.permutation_generators(5, 4):  # permutation b draws from generator b
         permuted = noise_floor.permute_patient_mask(patient_mask, rng)
         aucs, ps = [], []
         for r in range(summaries.shape[1]):
@@ -344,9 +362,8 @@ def test_strongest_attack_floor_matches_slow_loop_and_is_at_chance_on_null():
                "ties": np.round(scores[targets, :, 0])}
     result = noise_floor.strongest_attack_floor(attacks, masks[targets], codes, n_permutations=6, seed=9)
     target_patient = calibration.patient_mask_from_records(masks[targets], codes, 40)
-    perm_rng = np.random.default_rng(9)
     slow = []
-    for _ in range(6):
+    for perm_rng in noise_floor.permutation_generators(9, 6):
         permuted = noise_floor.permute_patient_mask(target_patient, perm_rng)[:, codes]
         slow.append([np.mean([auc_score(s[t], permuted[t]) for t in range(3)]) for s in attacks.values()])
     slow = np.array(slow)

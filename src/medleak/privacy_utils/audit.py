@@ -29,7 +29,7 @@ from medleak.errors import MedleakError
 from medleak.io_utils import write_csv, write_json
 from medleak.privacy_utils import figures, report
 from medleak.privacy_utils.calibrated import LOSS_THRESHOLD, FittedCampaign, campaign_noise_floors, fit_campaign
-from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, delong_components,
+from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UnitRanks, delong_components,
                                                group_differences, plan_runs)
 from medleak.privacy_utils.load import read_campaign_files
 from medleak.privacy_utils.noise_floor import AUC_GRID, DEFAULT_PERMUTATIONS
@@ -153,6 +153,8 @@ class RiskTables:
     patient_summary: np.ndarray  # (n_runs, n_patients) float32, patients in patient_codes order
     patient_mask: np.ndarray  # (n_runs, n_patients) bool, same order
     record_patient: np.ndarray  # (n_records,) int index of each record's patient in that order
+    record_ranks: UnitRanks  # `calibration.unit_ranks` of record_summary and of patient_summary:
+    patient_ranks: UnitRanks  # the risk step's sorts, reused by the noise floor
 
     @property
     def record_auc(self) -> np.ndarray:
@@ -245,7 +247,7 @@ def record_risk_tables(campaign, options: AuditOptions, fitted: FittedCampaign |
     attributes = patient_attributes(records, patients["patient_id"], campaign.subgroups, campaign.label_names, campaign.task)
     patient_table = patients.join(attributes[campaign.subgroups], on="patient_id") if campaign.subgroups else patients
     return RiskTables(record_table, patient_table, attributes, fitted.record_summary, fitted.patient_summary,
-                      patient_mask, codes)
+                      patient_mask, codes, fitted.record_ranks, fitted.patient_ranks)
 
 
 # The options the attack step depends on (with the runs' scores and the targets): cached attacks are
@@ -305,15 +307,19 @@ def attack_suite(campaign, options: AuditOptions, targets=None, fitted: FittedCa
 
 
 # The options a noise floor depends on (with the runs' scores): a cached floor is reused only when they match.
+# FLOOR_FORMAT changes when the permutations drawn for a seed do (2: one spawned generator per permutation).
 FLOOR_SETTINGS = ("seed", "permutations", "record_permutations", "fdr", "risk_auc", "eval_size", "rmia_gamma", "rmia_trim", "rmia_population")
+FLOOR_FORMAT = 2
 
 
-def cached_result(campaign, name, settings, options: AuditOptions, compute):
-    """compute(), or its JSON result cached with the campaign's scores (`cache.py`) for these options."""
+def cached_result(campaign, name, settings, options: AuditOptions, compute, result_format):
+    """compute(), or its JSON result cached with the campaign's scores (`cache.py`) for these options
+    and this `result_format`."""
     if campaign.cache is None:
         return compute()
     store, key = campaign.cache
-    return store.derived_json(key, name, {field: getattr(options, field) for field in settings}, compute)
+    chosen = {field: getattr(options, field) for field in settings}
+    return store.derived_json(key, name, {"format": result_format, **chosen}, compute)
 
 
 def noise_floors(risk: RiskTables, attacks: Attacks, options: AuditOptions, on_permutation=None) -> dict:
@@ -323,7 +329,8 @@ def noise_floors(risk: RiskTables, attacks: Attacks, options: AuditOptions, on_p
                                    attack_scores=attacks.scores, target_masks=attacks.target_masks, alpha=options.fdr,
                                    auc_threshold=options.risk_auc, thresholds=RISK_THRESHOLDS,
                                    n_permutations=options.permutations, record_permutations=options.record_permutations,
-                                   seed=options.seed, on_permutation=on_permutation)
+                                   seed=options.seed, on_permutation=on_permutation, record_ranks=risk.record_ranks,
+                                   patient_ranks=risk.patient_ranks)
     for unit in ("patients", "records"):  # JSON keys, as in the summary's other share_above tables
         floors[unit]["share_above"] = {f"{t:g}": v for t, v in floors[unit]["share_above"].items()}
     return floors
@@ -553,7 +560,7 @@ def audit_campaign(campaign, options: AuditOptions) -> AuditResult:
     n_permutations = 2 * options.permutations + options.record_permutations  # patients, strongest attack, records
     with stages.stage("noise floor", total=n_permutations, unit="permutation") as bar:
         floors = cached_result(campaign, "noise_floor", FLOOR_SETTINGS, options,
-                               lambda: noise_floors(risk, attacks, options, on_permutation=bar.update))
+                               lambda: noise_floors(risk, attacks, options, on_permutation=bar.update), FLOOR_FORMAT)
     with stages.stage("subgroups"):
         groups = subgroup_tables(campaign, risk, options.top_share)
         write_tables(out_dir, risk, groups)

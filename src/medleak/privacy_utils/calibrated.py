@@ -5,6 +5,8 @@ is needed and then reused:
 
   * `record_summary` — `calibration.record_summaries` (view-mean score standardised over models),
     behind the rank risk of records and patients and their noise floors;
+  * `record_ranks` / `patient_ranks` — `calibration.unit_ranks` of the record and patient
+    summaries: the one sort behind both the risk tables and their noise floors;
   * `lira_fit` / `rmia_fit` — `shadows.fit_shadows` (the per-record sorts of all models: medians
     for LiRA; trimmed means of `rmia_transform(scores)` for RMIA), behind every per-target attack.
 
@@ -27,9 +29,9 @@ import pandas as pd
 
 from medleak.errors import MedleakError
 from medleak.privacy_utils.attacks import VARIANTS, attack_targets, check_targets
-from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, patient_codes,
+from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UnitRanks, patient_codes,
                                                patient_mask_from_records, patient_rank_risk, patient_summaries,
-                                               record_rank_risk, record_summaries)
+                                               record_rank_risk, record_summaries, unit_ranks)
 from medleak.privacy_utils.noise_floor import DEFAULT_PERMUTATIONS, DEFAULT_SEED, share_floor, strongest_attack_floor
 from medleak.privacy_utils.risk import (RISK_THRESHOLDS, check_scores_masks, map_chunks, record_auc_from_moments,
                                         require_in_and_out)
@@ -63,23 +65,26 @@ def loss_threshold_scores(scores, target_indices):
 def campaign_noise_floors(record_summary, patient_summary, patient_mask, record_patient, *, attack_scores=None,
                           target_masks=None, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD,
                           thresholds=RISK_THRESHOLDS, n_permutations=DEFAULT_PERMUTATIONS, record_permutations=None,
-                          seed=DEFAULT_SEED, on_permutation=None):
+                          seed=DEFAULT_SEED, on_permutation=None, record_ranks: UnitRanks | None = None,
+                          patient_ranks: UnitRanks | None = None):
     """The campaign's noise floor: `noise_floor.share_floor` of patients (seed) and of records
     (seed + 1, `record_permutations` permutations, default n_permutations), and with attacks
     `strongest_attack_floor` (seed + 2) — the audit's seeds.
 
     record_summary (n_models, n_records), patient_summary (n_models, n_patients) float;
     patient_mask (n_models, n_patients) bool; record_patient (n_records,) int index of each record's
-    patient; attack_scores {name: (n_targets, n_records)} with target_masks (n_targets, n_records).
+    patient; attack_scores {name: (n_targets, n_records)} with target_masks (n_targets, n_records);
+    record_ranks / patient_ranks: their `calibration.unit_ranks` when already computed.
     `on_permutation()` is called once per permutation of each floor (a progress bar).
     Returns {"patients": …, "records": …[, "strongest_attack": …]} (share_above keyed by float threshold).
     """
     common = dict(thresholds=thresholds, alpha=alpha, auc_threshold=auc_threshold, on_permutation=on_permutation)
     record_permutations = n_permutations if record_permutations is None else record_permutations
     floors = {
-        "patients": share_floor(patient_summary, patient_mask, seed=seed, n_permutations=n_permutations, **common),
+        "patients": share_floor(patient_summary, patient_mask, seed=seed, n_permutations=n_permutations,
+                                ranks=patient_ranks, **common),
         "records": share_floor(record_summary, patient_mask, record_patient, seed=seed + 1,
-                               n_permutations=record_permutations, **common),
+                               n_permutations=record_permutations, ranks=record_ranks, **common),
     }
     if attack_scores:
         if target_masks is None:
@@ -116,6 +121,16 @@ class FittedCampaign:
         return self._arrays("record_summary", lambda: {"summary": record_summaries(self.scores)})["summary"]
 
     @functools.cached_property
+    def record_ranks(self) -> UnitRanks:
+        """`calibration.unit_ranks` of `record_summary`."""
+        return UnitRanks(**self._arrays("record_ranks", lambda: unit_ranks(self.record_summary).arrays()))
+
+    @functools.cached_property
+    def patient_ranks(self) -> UnitRanks:
+        """`calibration.unit_ranks` of `patient_summary`."""
+        return UnitRanks(**self._arrays("patient_ranks", lambda: unit_ranks(self.patient_summary).arrays()))
+
+    @functools.cached_property
     def lira_fit(self):
         """`shadows.fit_shadows` with medians (LiRA variants)."""
         arrays = self._arrays("lira_fit", lambda: fit_arrays(fit_shadows(self.scores, self.masks)))
@@ -144,12 +159,13 @@ class FittedCampaign:
     def record_risk(self, *, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD) -> pd.DataFrame:
         """`calibration.record_rank_risk`: auc, auc_se, null_sd, p_value, q_value, at_risk, n_in, n_out."""
         return record_rank_risk(None, self.masks, record_summary=self.record_summary, alpha=alpha,
-                                auc_threshold=auc_threshold)
+                                auc_threshold=auc_threshold, ranks=self.record_ranks)
 
     def patient_risk(self, *, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD) -> pd.DataFrame:
         """`calibration.patient_rank_risk` (patients in order of first appearance, not sorted)."""
         return patient_rank_risk(None, self.masks, self.patient_ids, record_summary=self.record_summary,
-                                 patient_summary=self.patient_summary, alpha=alpha, auc_threshold=auc_threshold)
+                                 patient_summary=self.patient_summary, alpha=alpha, auc_threshold=auc_threshold,
+                                 ranks=self.patient_ranks)
 
     def record_auc_gaussian(self):
         """The paper's Gaussian record AUC and its SE (`risk.record_auc`: biased above 0.5 under the
@@ -201,7 +217,8 @@ class FittedCampaign:
         return campaign_noise_floors(self.record_summary, self.patient_summary, patient_mask, codes,
                                      attack_scores=attack_scores, target_masks=target_masks, alpha=alpha,
                                      auc_threshold=auc_threshold, thresholds=thresholds,
-                                     n_permutations=n_permutations, record_permutations=record_permutations, seed=seed)
+                                     n_permutations=n_permutations, record_permutations=record_permutations, seed=seed,
+                                     record_ranks=self.record_ranks, patient_ranks=self.patient_ranks)
 
 
 def fit_campaign(scores, masks, patient_ids=None, *, rmia_trim=RMIA_TRIM, rmia_transform=rmia_from_lira,

@@ -26,6 +26,7 @@ Everything here works on per-model summaries: (n_models, n_units) arrays, a few 
 up to ~10⁶ units, processed in chunks of units.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -34,7 +35,7 @@ import pandas as pd
 from scipy import special, stats
 
 from medleak.errors import MedleakError
-from medleak.privacy_utils.risk import RISK_THRESHOLDS, hanley_mcneil_se
+from medleak.privacy_utils.risk import RISK_THRESHOLDS, hanley_mcneil_se, map_chunks
 
 DEFAULT_ALPHA = 0.05           # FDR level q of the Benjamini–Hochberg step
 DEFAULT_AUC_THRESHOLD = RISK_THRESHOLDS[0]  # at_risk also needs auc ≥ this (the report's first risk threshold)
@@ -164,12 +165,60 @@ def check_summaries(summaries, masks, what="summaries"):
     return summaries, masks
 
 
-def rank_auc(summaries, masks, chunk=UNIT_CHUNK):
+MAX_RANKED_MODELS = 5000  # float32 rank sums are exact while n(n+1)/2 < 2²⁴
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays: no element-wise ==
+class UnitRanks:
+    """Each unit's models ranked once (`unit_ranks`): what `rank_auc` and the noise floor's
+    relabellings read, so neither sorts the summaries again."""
+
+    ranks: np.ndarray  # (n_units, n_models) float32 midranks (multiples of ½), each unit's row contiguous
+    tied: np.ndarray  # (n_units,) bool: the unit's summaries tie across models
+
+    def arrays(self) -> dict:
+        return {"ranks": self.ranks, "tied": self.tied}
+
+
+def unit_ranks(summaries, chunk=UNIT_CHUNK, threads=None) -> UnitRanks:
+    """Midranks over models of every unit of (n_models, n_units) float summaries (no NaN).
+
+    Each unit's row is sorted once (float32 values rank as their float64 casts do); a unit whose
+    sorted row has no equal neighbours gets its ordinal ranks, which are its midranks; the few tied
+    units are ranked by `scipy.stats.rankdata`. Chunks of units run on `threads` threads.
+    """
+    summaries = np.asarray(summaries)
+    if summaries.ndim != 2:
+        raise MedleakError(f"summaries must be (n_models, n_units), got shape {summaries.shape}")
+    n_models, n_units = summaries.shape
+    if n_models > MAX_RANKED_MODELS:
+        raise MedleakError(f"{n_models} models: rank statistics support up to {MAX_RANKED_MODELS}")
+    ranks = np.empty((n_units, n_models), dtype=np.float32)
+    tied = np.empty(n_units, dtype=bool)
+    positions = np.arange(1, n_models + 1, dtype=np.float32)[None, :]
+
+    def work(a, b):
+        block = np.ascontiguousarray(summaries[:, a:b].T)  # (units, models)
+        order = np.argsort(block, axis=1)
+        ordered = np.take_along_axis(block, order, axis=1)
+        has_tie = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+        np.put_along_axis(ranks[a:b], order, positions, axis=1)
+        rows = np.flatnonzero(has_tie)
+        if rows.size:
+            ranks[a + rows] = stats.rankdata(block[rows].astype(np.float64), axis=1)
+        tied[a:b] = has_tie
+
+    map_chunks(work, n_units, chunk=chunk, threads=threads)
+    return UnitRanks(ranks, tied)
+
+
+def rank_auc(summaries, masks, chunk=UNIT_CHUNK, ranks: UnitRanks | None = None):
     """Mann–Whitney AUC of IN against OUT models per unit, with exact one-sided p-values.
 
     summaries: (n_models, n_units) float, one number per model and unit (higher = more member-like);
     masks: (n_models, n_units) bool, True where the model trained on the unit. Every unit needs at
-    least one IN and one OUT model (MedleakError otherwise).
+    least one IN and one OUT model (MedleakError otherwise). ranks: `unit_ranks(summaries)` when
+    already computed (the campaign's fit keeps them for the noise floor).
 
     Returns a dict of (n_units,) arrays:
       auc      float64  U / (n_in·n_out), ties count ½
@@ -184,21 +233,23 @@ def rank_auc(summaries, masks, chunk=UNIT_CHUNK):
     """
     summaries, masks = check_summaries(summaries, masks)
     n_models, n_units = summaries.shape
+    ranks = unit_ranks(summaries, chunk) if ranks is None else ranks
+    if ranks.ranks.shape != (n_units, n_models):
+        raise MedleakError(f"ranks {ranks.ranks.shape} do not belong to summaries {summaries.shape}")
     n_in = masks.sum(axis=0).astype(np.int64)
     n_out = n_models - n_in
-    u2 = np.empty(n_units, dtype=np.int64)
-    tied = np.empty(n_units, dtype=bool)
-    for a in range(0, n_units, chunk):
-        block = summaries[:, a:a + chunk].astype(np.float64)
-        ranks = stats.rankdata(block, axis=0)  # midranks
-        rank_sum_in = np.sum(ranks, axis=0, where=masks[:, a:a + chunk])
-        u2[a:a + chunk] = np.rint(2.0 * rank_sum_in - n_in[a:a + chunk] * (n_in[a:a + chunk] + 1)).astype(np.int64)
-        ordered = np.sort(block, axis=0)
-        tied[a:a + chunk] = (ordered[1:] == ordered[:-1]).any(axis=0)
+    rank_sum_in = np.empty(n_units, dtype=np.float32)  # exact: multiples of ½ below 2²⁴
+
+    def work(a, b):
+        rank_sum_in[a:b] = np.einsum("um,um->u", ranks.ranks[a:b], masks[:, a:b].T.astype(np.float32))
+
+    map_chunks(work, n_units, chunk=chunk)
+    u2 = np.rint(2.0 * rank_sum_in.astype(np.float64) - n_in * (n_in + 1)).astype(np.int64)
     auc = u2 / (2.0 * n_in * n_out)
     return {
         "auc": auc, "u2": u2, "auc_se": hanley_mcneil_se(auc, n_in, n_out), "null_sd": null_auc_sd(n_in, n_out),
-        "p_value": rank_p_values(u2, n_in, n_out, tied, summaries), "n_in": n_in, "n_out": n_out, "tied": tied,
+        "p_value": rank_p_values(u2, n_in, n_out, ranks.tied, summaries), "n_in": n_in, "n_out": n_out,
+        "tied": ranks.tied,
     }
 
 
@@ -362,13 +413,14 @@ def _risk_frame(ids, result, alpha, auc_threshold):
 
 
 def patient_rank_risk(scores, masks, patient_ids, *, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD,
-                      record_summary=None, patient_summary=None):
+                      record_summary=None, patient_summary=None, ranks: UnitRanks | None = None):
     """Patient-level membership risk: one number per patient and model, IN ranked against OUT.
 
     scores: (n_models, n_records, n_views) float (ignored when `record_summary` is given);
     masks: (n_models, n_records) bool (a patient's records must agree); patient_ids: (n_records,).
     record_summary: optional precomputed `record_summaries(scores)` (n_models, n_records);
-    patient_summary: optional precomputed `patient_summaries` of it (patients in `patient_codes` order).
+    patient_summary: optional precomputed `patient_summaries` of it (patients in `patient_codes` order);
+    ranks: optional precomputed `unit_ranks(patient_summary)`.
 
     Returns a DataFrame in order of first appearance of each patient with columns patient_id,
     auc, auc_se (Hanley–McNeil), null_sd, p_value (exact one-sided rank null), q_value
@@ -382,22 +434,24 @@ def patient_rank_risk(scores, masks, patient_ids, *, alpha=DEFAULT_ALPHA, auc_th
     if masks.shape != record_summary.shape:
         raise MedleakError(f"masks {masks.shape} must be (n_models, n_records) like the scores {record_summary.shape}")
     summary = patient_summaries(record_summary, codes, len(ids)) if patient_summary is None else patient_summary
-    result = rank_auc(summary, patient_mask_from_records(masks, codes, len(ids)))
+    result = rank_auc(summary, patient_mask_from_records(masks, codes, len(ids)), ranks=ranks)
     frame = _risk_frame(ids, result, alpha, auc_threshold)
     frame["n_records"] = np.bincount(codes, minlength=len(ids))
     return frame.rename_axis("patient_id").reset_index()
 
 
-def record_rank_risk(scores, masks, *, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD, record_summary=None):
+def record_rank_risk(scores, masks, *, alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD, record_summary=None,
+                     ranks: UnitRanks | None = None):
     """Record-level rank risk: each record's view-mean score, IN models ranked against OUT.
 
-    Same inputs as `patient_rank_risk` without patient ids. Returns a DataFrame in record order
+    Same inputs as `patient_rank_risk` without patient ids (`ranks`: `unit_ranks(record_summary)`). Returns a DataFrame in record order
     (index 0..n_records−1) with auc, auc_se, null_sd, p_value, q_value (BH over records), at_risk,
     n_in, n_out. (Standardising a record over models does not change its ranks.)
     """
     if record_summary is None:
         record_summary = record_summaries(scores)
-    return _risk_frame(np.arange(record_summary.shape[1]), rank_auc(record_summary, masks), alpha, auc_threshold)
+    return _risk_frame(np.arange(record_summary.shape[1]), rank_auc(record_summary, masks, ranks=ranks), alpha,
+                       auc_threshold)
 
 
 # ---------------------------------------------------------------- images-per-patient adjustment

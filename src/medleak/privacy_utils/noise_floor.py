@@ -7,7 +7,8 @@ every such relabelling is equally likely. Statistics are recomputed from small p
 summaries — never from the full (models × records × views) score array:
 
   * `share_floor`: per-unit rank AUCs (records or patients, `calibration.rank_auc`) from midranks
-    computed once — a relabelling only changes which ranks are summed — giving the chance curve
+    computed once (`calibration.unit_ranks`, shared with the risk step) — a relabelling only
+    changes which ranks are summed — giving the chance curve
     of share(AUC > x) on a grid (the eSF figures' chance band), the chance level of each headline
     share and of the at_risk share (BH at the same alpha).
   * `strongest_attack_floor`: the chance level of the strongest of several attacks (mean AUC over
@@ -15,7 +16,9 @@ summaries — never from the full (models × records × views) score array:
 
 Every result reports observed, chance mean, chance interval and excess = observed − chance mean
 with the interval observed − (chance interval): it excludes 0 when the observed value lies outside
-the chance band. The seed is recorded in the result.
+the chance band. The seed is recorded in the result. Permutation b draws its noise from its own
+generator (`permutation_generators`: spawned from the seed), so permutations run on any number of
+threads, each drawing its own noise, with the same result.
 """
 
 import collections
@@ -25,9 +28,9 @@ import numpy as np
 from scipy import stats
 
 from medleak.errors import MedleakError
-from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UNIT_CHUNK,
-                                               bh_rejections, check_summaries, patient_codes,
-                                               patient_mask_from_records, p_value_lookup, rank_auc)
+from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UnitRanks, bh_rejections,
+                                               check_summaries, patient_codes, patient_mask_from_records,
+                                               p_value_lookup, rank_auc, unit_ranks)
 from medleak.privacy_utils.risk import RISK_THRESHOLDS, n_threads
 
 DEFAULT_PERMUTATIONS = 200
@@ -103,16 +106,17 @@ def compare_to_chance(observed, chance, confidence=0.95):
 
 def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, thresholds=RISK_THRESHOLDS,
                 alpha=DEFAULT_ALPHA, auc_threshold=DEFAULT_AUC_THRESHOLD, n_permutations=DEFAULT_PERMUTATIONS,
-                seed=DEFAULT_SEED, confidence=0.95, threads=None, on_permutation=None):
+                seed=DEFAULT_SEED, confidence=0.95, threads=None, on_permutation=None, ranks: UnitRanks | None = None):
     """Chance distribution of the share of units with rank AUC above x, by permuting patients' bits.
 
     summaries: (n_models, n_units) float per-model summaries (`calibration.patient_summaries` for
     patients, `calibration.record_summaries` for records); patient_mask: (n_models, n_patients) bool;
     unit_patient: (n_units,) int index of each unit's patient into the mask columns (None: the
-    units are the patients). Cost per permutation: a partition of the patients' noise, one rank sum
-    per unit (`rank_sums`) and BH over the p-values ≤ alpha (`calibration.bh_rejections`), on
+    units are the patients); ranks: `calibration.unit_ranks(summaries)` when already computed (the
+    risk step's). Cost per permutation: the patients' noise, a partition of it, one rank sum per
+    unit (`rank_sums`) and BH over the p-values ≤ alpha (`calibration.bh_rejections`), on
     `threads` threads (default `risk.n_threads()`; the result does not depend on it);
-    `on_permutation()` is called as each permutation is started (a progress bar).
+    `on_permutation()` is called as each permutation is done (a progress bar).
 
     Returns a JSON-ready dict: seed, n_permutations, confidence, grid, curve (`compare_to_chance` of
     share(AUC > x) on the grid: the eSF chance band), share_above {threshold: compare_to_chance},
@@ -127,12 +131,13 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
         raise MedleakError(f"the noise floor needs at least 1 permutation, got {n_permutations}")
     grid = np.asarray(grid, dtype=np.float64)
     thresholds = tuple(float(t) for t in thresholds)
-    observed = rank_auc(summaries, masks)
+    ranks = unit_ranks(summaries) if ranks is None else ranks
+    observed = rank_auc(summaries, masks, ranks=ranks)
     tied, n_in, n_out = observed["tied"], observed["n_in"], observed["n_out"]
-    # (n_units, n_models) float32 midranks, each unit's row contiguous: a relabelling's rank sums are
-    # row-wise dot products with the unit's patient's row of the permuted mask, taken in blocks of
-    # units that stay in cache (the expanded (n_models, n_units) mask is never materialised).
-    ranks = np.ascontiguousarray(_midranks(summaries).T)
+    # A relabelling's rank sums are row-wise dot products of the (n_units, n_models) midranks with
+    # the unit's patient's row of the permuted mask, taken in blocks of units that stay in cache
+    # (the expanded (n_models, n_units) mask is never materialised).
+    identity = unit_patient.size == patient_mask.shape[1] and np.array_equal(unit_patient, np.arange(unit_patient.size))
     offset = n_in * (n_in + 1)
     scale = 2.0 * n_in * n_out
     p_values = p_value_lookup(n_in, n_out, tied, summaries)
@@ -142,18 +147,18 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
         at_risk_share = (bh_rejections(p_values(u2), alpha) & (auc >= auc_threshold)).mean()  # = flag_at_risk
         return _shares_above(auc, grid), _shares_above(auc, np.asarray(thresholds)), at_risk_share
 
-    rng = np.random.default_rng(seed)
     curves = np.empty((n_permutations, grid.size))
     at_threshold = np.empty((n_permutations, len(thresholds)))
     at_risk = np.empty(n_permutations)
     counts = patient_mask.sum(axis=0)
 
-    def permutation(b, noise):
-        permuted = _relabel_patients(counts, noise).astype(np.float32)  # (n_patients, n_models)
-        u2 = np.rint(2.0 * rank_sums(ranks, permuted, unit_patient) - offset).astype(np.int64)
+    def permutation(b, rng):  # permute_patient_mask(patient_mask, rng), as (n_patients, n_models)
+        permuted = _relabel_patients(counts, rng.random(patient_mask.shape[::-1])).astype(np.float32)
+        sums = rank_sums(ranks.ranks, permuted, None if identity else unit_patient)
+        u2 = np.rint(2.0 * sums - offset).astype(np.int64)
         curves[b], at_threshold[b], at_risk[b] = headlines(u2)
 
-    _permutations(permutation, lambda: rng.random(patient_mask.shape[::-1]), n_permutations, threads, on_permutation)
+    _permutations(permutation, seed, n_permutations, threads, on_permutation)
     curve, shares, risk_share = headlines(observed["u2"])
     return {
         "seed": int(seed), "n_permutations": int(n_permutations), "confidence": float(confidence),
@@ -163,40 +168,43 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     }
 
 
-def _permutations(permutation, draw, n_permutations, threads=None, on_permutation=None):
-    """permutation(b, draw()) for b in range(n_permutations). The noise is drawn in order from one
-    generator (the same permutations as one thread would make); the partitions and sums, which
-    release the GIL, run on `threads` threads (default `risk.n_threads()`), a few in flight."""
+def permutation_generators(seed, n_permutations):
+    """One generator per permutation, spawned from `seed` (`numpy.random.SeedSequence.spawn`):
+    permutation b draws the same noise whichever thread runs it and whatever ran before."""
+    return [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(n_permutations)]
+
+
+def _permutations(permutation, seed, n_permutations, threads=None, on_permutation=None):
+    """permutation(b, generator b) for b in range(n_permutations) on `threads` threads (default
+    `risk.n_threads()`): each draws its noise (numpy releases the GIL while filling it), then
+    partitions and sums; `on_permutation()` after each, in order."""
+    generators = permutation_generators(seed, n_permutations)
     threads = n_threads() if threads is None else max(1, int(threads))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         in_flight = collections.deque()
         for b in range(n_permutations):
-            in_flight.append(pool.submit(permutation, b, draw()))
-            if len(in_flight) > threads:
+            in_flight.append(pool.submit(permutation, b, generators[b]))
+            if len(in_flight) > threads:  # a few in flight: each holds its noise (n_patients × n_models)
                 in_flight.popleft().result()
-            if on_permutation:
-                on_permutation()
+                if on_permutation:
+                    on_permutation()
         for future in in_flight:
             future.result()
-
-
-def _midranks(summaries, chunk=UNIT_CHUNK):
-    """Midranks over models per unit, float32 (exact: multiples of ½ below 2²⁴)."""
-    ranks = np.empty(summaries.shape, dtype=np.float32)
-    for a in range(0, summaries.shape[1], chunk):
-        ranks[:, a:a + chunk] = stats.rankdata(summaries[:, a:a + chunk].astype(np.float64), axis=0)
-    return ranks
+            if on_permutation:
+                on_permutation()
 
 
 def rank_sums(ranks, patient_rows, unit_patient, block=RANK_SUM_BLOCK):
     """Per unit u: Σ_m ranks[u, m] · patient_rows[unit_patient[u], m], float32 (n_units,).
 
-    ranks: (n_units, n_models) float32; patient_rows: (n_patients, n_models) float32 0/1. Exact for
-    midranks (multiples of ½, sums below 2²⁴), so the order of the additions does not matter.
+    ranks: (n_units, n_models) float32; patient_rows: (n_patients, n_models) float32 0/1;
+    unit_patient None: unit u is patient u. Exact for midranks (multiples of ½, sums below 2²⁴),
+    so the order of the additions does not matter.
     """
     out = np.empty(ranks.shape[0], dtype=np.float32)
     for a in range(0, ranks.shape[0], block):
-        out[a:a + block] = np.einsum("um,um->u", ranks[a:a + block], patient_rows[unit_patient[a:a + block]])
+        rows = patient_rows[a:a + block] if unit_patient is None else patient_rows[unit_patient[a:a + block]]
+        out[a:a + block] = np.einsum("um,um->u", ranks[a:a + block], rows)
     return out
 
 
@@ -209,7 +217,9 @@ def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permut
     membership (a patient's records agree); patient_ids: (n_records,). An attack's AUC is the mean
     over targets of the AUC over records (ties ½); each permutation shuffles every patient's column
     of the target patient mask across the targets (its number of IN targets kept) and recomputes
-    all attacks from record ranks computed once. A target left with no member or no non-member
+    all attacks from record ranks computed once and summed per patient (a patient's records move
+    together, so a relabelling's rank sums are (n_targets, n_patients) products, never a pass over
+    the records). A target left with no member or no non-member
     record by a permutation is skipped in that mean. Permutations run on `threads` threads (the
     result does not depend on it).
 
@@ -228,13 +238,18 @@ def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permut
     _, codes = patient_codes(patient_ids)
     if codes.size != target_masks.shape[1]:
         raise MedleakError(f"patient_ids has {codes.size} entries, target masks have {target_masks.shape[1]} records")
-    target_patient_mask = patient_mask_from_records(target_masks, codes, int(codes.max()) + 1)
-    ranks = np.stack([stats.rankdata(s, axis=1) for s in scores])  # (n_attacks, n_targets, n_records)
+    n_patients = int(codes.max()) + 1
+    target_patient_mask = patient_mask_from_records(target_masks, codes, n_patients)
+    n_records = np.bincount(codes, minlength=n_patients).astype(np.float64)
+    # (n_attacks, n_targets, n_patients) float64 sums of each patient's record ranks (midranks:
+    # multiples of ½, exact in float64 however they are added)
+    patient_rank_sums = np.stack([[np.bincount(codes, weights=row, minlength=n_patients)
+                                   for row in stats.rankdata(s, axis=1)] for s in scores])
 
-    def attack_aucs(members):
-        n1 = members.sum(axis=1).astype(np.float64)
-        n0 = members.shape[1] - n1
-        rank_sum = np.sum(ranks, axis=2, where=members[None])
+    def attack_aucs(members):  # members: (n_targets, n_patients) bool
+        n1 = members.astype(np.float64) @ n_records
+        n0 = codes.size - n1
+        rank_sum = np.einsum("atp,tp->at", patient_rank_sums, members.astype(np.float64))
         with np.errstate(invalid="ignore", divide="ignore"):
             auc = (rank_sum - n1 * (n1 + 1) / 2.0) / (n1 * n0)
         usable = (n1 > 0) & (n0 > 0)
@@ -242,15 +257,14 @@ def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permut
             raise MedleakError("every target has only members or only non-members; the attack AUC is undefined")
         return auc[:, usable].mean(axis=1)
 
-    observed = attack_aucs(target_masks)
-    rng = np.random.default_rng(seed)
+    observed = attack_aucs(target_patient_mask)
     chance = np.empty((n_permutations, len(names)))
     counts = target_patient_mask.sum(axis=0)
 
-    def permutation(b, noise):  # permute_patient_mask(target_patient_mask, rng), its noise drawn in order
-        chance[b] = attack_aucs(_relabel(counts, noise)[:, codes])
+    def permutation(b, rng):  # permute_patient_mask(target_patient_mask, rng)
+        chance[b] = attack_aucs(_relabel(counts, rng.random(target_patient_mask.shape[::-1])))
 
-    _permutations(permutation, lambda: rng.random(target_patient_mask.shape[::-1]), n_permutations, threads, on_permutation)
+    _permutations(permutation, seed, n_permutations, threads, on_permutation)
     return {
         "seed": int(seed), "n_permutations": int(n_permutations), "confidence": float(confidence),
         "strongest": names[int(np.argmax(observed))],
