@@ -140,6 +140,22 @@ def test_target_stats_are_the_explicit_shadow_lists_statistics(transform):
                 np.testing.assert_allclose(st[f"trimmed_{g}"][r], scipy_stats.trim_mean(x, 0.34, axis=0), atol=1e-6)
 
 
+def test_trimmed_window_path_equals_the_prefix_sum_path(monkeypatch):
+    from medleak.privacy_utils import shadows
+
+    scores, masks, _ = exact_k_campaign(12, 8, seed=5, max_images=4, n_views=3)
+    n_in = masks.sum(axis=0)
+    assert shadows.trim_window(n_in, 0.2) is not None  # the exact-k plan: one window for every record
+    assert shadows.trim_window(np.array([5, 6]), 0.2) is None
+    options = dict(medians=False, trim=0.2, transform=rmia_from_lira, chunk=5)
+    window = shadows.fit_arrays(fit_shadows(scores, masks, **options))
+    monkeypatch.setattr(shadows, "trim_window", lambda count, trim: None)
+    prefix = shadows.fit_arrays(fit_shadows(scores, masks, **options))
+    assert window.keys() == prefix.keys()
+    for name in window:
+        np.testing.assert_allclose(window[name], prefix[name], rtol=1e-12, atol=1e-15, err_msg=name)
+
+
 def test_dropped_model_is_uniform_over_the_group_the_target_is_not_in():
     masks = make_patient_mask(10, 40, 0.5, seed=3)
     counts = np.zeros((40, 10))

@@ -111,6 +111,26 @@ def trim_cut(count, trim):
     return np.floor(trim * np.maximum(count - 1, 0)).astype(np.int64)
 
 
+def trim_window(count, trim):
+    """(first, last) sorted position a trimmed mean keeps when every record of a chunk has the same
+    group size (the exact-k plan), else None (per-record positions: the prefix-sum path)."""
+    if trim is None or count.size == 0 or not np.all(count == count[0]):
+        return None
+    cut = int(trim_cut(count[:1], trim)[0])
+    return cut, max(int(count[0]) - 1 - cut, 0)
+
+
+def store_trimmed_window(stats, a, b, rows, first, last, transform):
+    """Trimmed-mean statistics of records a..b from their sorted rows (R, V, W) when all keep the
+    positions first..last: one slice, transformed and summed (no prefix sums over whole rows)."""
+    window = rows[..., first:last + 1]
+    values = window if transform is None else transform(window)
+    stats["trim_sum"][a:b] = values.sum(axis=2, dtype=np.float64)
+    stats["trim_lo"][a:b], stats["trim_hi"][a:b] = values[..., 0], values[..., -1]
+    if transform is not None:
+        stats["raw_trim_lo"][a:b], stats["raw_trim_hi"][a:b] = window[..., 0], window[..., -1]
+
+
 def fit_shadows(scores, masks, *, medians=True, trim=None, transform=None, chunk=DEFAULT_CHUNK, threads=None):
     """Sorts every record's IN and OUT values over all models once; returns a `ShadowFit`.
 
@@ -158,14 +178,18 @@ def fit_shadows(scores, masks, *, medians=True, trim=None, transform=None, chunk
         raw_sorted = sorted_groups(raw, member, ~member)  # (R, V, W) each, +inf padded
         for j, g in enumerate(GROUPS):
             rows = raw_sorted[j]
-            sorted_values = rows if transform is None else transform(rows)
             count = counts[j]
+            stats = groups[g]
+            window = None if medians else trim_window(count, trim)  # RMIA on the exact-k plan
+            if window is not None:
+                store_trimmed_window(stats, a, b, rows, *window, transform)
+                continue
+            sorted_values = rows if transform is None else transform(rows)
 
             def at(position, source=sorted_values):
                 position = np.minimum(position, source.shape[-1] - 1)
                 return np.take_along_axis(source, np.broadcast_to(position[:, None, None], (len(count), n_views, 1)), axis=2)[..., 0]
 
-            stats = groups[g]
             if medians:
                 lo, hi = reduced_positions(count)
                 stats["lo"][a:b], stats["lo_next"][a:b] = at(lo), at(lo + 1)
