@@ -275,6 +275,27 @@ def test_record_chance_curve_matches_the_exact_null_on_a_null_campaign():
     np.testing.assert_allclose(floor["curve"]["chance_mean"], exact, atol=0.01)
 
 
+def test_patient_floor_draws_untied_patients_from_the_null_like_relabelling_them():
+    # Units that are the patients: untied patients' permuted 2U come from the exact null, tied ones
+    # are relabelled model by model; passing unit_patient relabels every unit. Same distribution.
+    scores, masks, patient_mask, codes, _, _ = simulate_campaign(16, 300, 3, seed=21, planted=30, effect=1.5)
+    summaries = calibration.patient_summaries(calibration.record_summaries(scores), codes, 300)
+    summaries[:, :40] = np.round(summaries[:, :40])  # tied patients
+    assert calibration.unit_ranks(summaries).tied[:40].all()
+    options = dict(n_permutations=400, alpha=0.2, auc_threshold=0.6)
+    drawn = noise_floor.share_floor(summaries, patient_mask, seed=4, **options)
+    relabelled = noise_floor.share_floor(summaries, patient_mask, np.arange(300), seed=5, **options)
+    assert drawn["curve"]["observed"] == relabelled["curve"]["observed"]
+    np.testing.assert_allclose(drawn["curve"]["chance_mean"], relabelled["curve"]["chance_mean"], atol=0.01)
+    np.testing.assert_allclose(drawn["curve"]["chance_hi"], relabelled["curve"]["chance_hi"], atol=0.025)
+    assert drawn["at_risk"]["chance_mean"] == pytest.approx(relabelled["at_risk"]["chance_mean"], abs=0.005)
+    # untied units alone: the chance share above x is the exact null's survival
+    untied = noise_floor.share_floor(summaries[:, 40:], patient_mask[:, 40:], seed=6, n_permutations=400)
+    pmf = calibration.u_null_pmf(8, 8)
+    exact = np.array([pmf[np.arange(65) / 64 > x].sum() for x in untied["grid"]])
+    np.testing.assert_allclose(untied["curve"]["chance_mean"], exact, atol=0.006)
+
+
 # ---------------------------------------------------------------- planted campaign
 
 

@@ -8,7 +8,8 @@ summaries — never from the full (models × records × views) score array:
 
   * `share_floor`: per-unit rank AUCs (records or patients, `calibration.rank_auc`) from midranks
     computed once (`calibration.unit_ranks`, shared with the risk step) — a relabelling only
-    changes which ranks are summed — giving the chance curve
+    changes which ranks are summed; for patients, whose relabellings are independent, an untied
+    patient's permuted AUC is a draw from its exact rank null — giving the chance curve
     of share(AUC > x) on a grid (the eSF figures' chance band), the chance level of each headline
     share and of the at_risk share (BH at the same alpha).
   * `strongest_attack_floor`: the chance level of the strongest of several attacks (mean AUC over
@@ -30,7 +31,7 @@ from scipy import stats
 from medleak.errors import MedleakError
 from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UnitRanks, bh_rejections,
                                                check_summaries, patient_codes, patient_mask_from_records,
-                                               p_value_lookup, rank_auc, unit_ranks)
+                                               p_value_lookup, rank_auc, u_null_pmf, unit_ranks)
 from medleak.privacy_utils.risk import RISK_THRESHOLDS, n_threads
 
 DEFAULT_PERMUTATIONS = 200
@@ -118,6 +119,12 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     `threads` threads (default `risk.n_threads()`; the result does not depend on it);
     `on_permutation()` is called as each permutation is done (a progress bar).
 
+    When the units are the patients (unit_patient None), each unit's relabelling is its own,
+    independent of every other unit's, and an untied unit's midranks are 1..n: its permuted 2U is
+    then exactly a draw from the rank null of (n_in, n_out) (`untied_null_draws`), so only the
+    tied units are relabelled model by model — the same permutation distribution, without the
+    (n_patients × n_models) noise and partition.
+
     Returns a JSON-ready dict: seed, n_permutations, confidence, grid, curve (`compare_to_chance` of
     share(AUC > x) on the grid: the eSF chance band), share_above {threshold: compare_to_chance},
     at_risk (share with BH q ≤ alpha and auc ≥ auc_threshold, compared to chance).
@@ -125,6 +132,7 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     patient_mask = np.asarray(patient_mask, dtype=bool)
     if patient_mask.ndim != 2:
         raise MedleakError(f"patient_mask must be (n_models, n_patients), got shape {patient_mask.shape}")
+    unit_patient_given = unit_patient
     unit_patient = np.arange(patient_mask.shape[1]) if unit_patient is None else np.asarray(unit_patient, dtype=np.int64)
     summaries, masks = check_summaries(summaries, patient_mask[:, unit_patient])
     if n_permutations < 1:
@@ -137,7 +145,7 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     # A relabelling's rank sums are row-wise dot products of the (n_units, n_models) midranks with
     # the unit's patient's row of the permuted mask, taken in blocks of units that stay in cache
     # (the expanded (n_models, n_units) mask is never materialised).
-    identity = unit_patient.size == patient_mask.shape[1] and np.array_equal(unit_patient, np.arange(unit_patient.size))
+    units_are_patients = unit_patient_given is None
     offset = n_in * (n_in + 1)
     scale = 2.0 * n_in * n_out
     p_values = p_value_lookup(n_in, n_out, tied, summaries)
@@ -152,10 +160,19 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     at_risk = np.empty(n_permutations)
     counts = patient_mask.sum(axis=0)
 
+    draw_untied = untied_null_draws(n_in, n_out, ~tied) if units_are_patients else None
+    relabelled = np.flatnonzero(tied) if units_are_patients else None  # units relabelled model by model
+
     def permutation(b, rng):  # permute_patient_mask(patient_mask, rng), as (n_patients, n_models)
-        permuted = _relabel_patients(counts, rng.random(patient_mask.shape[::-1])).astype(np.float32)
-        sums = rank_sums(ranks.ranks, permuted, None if identity else unit_patient)
-        u2 = np.rint(2.0 * sums - offset).astype(np.int64)
+        if units_are_patients:
+            u2 = draw_untied(rng)
+            if relabelled.size:
+                permuted = _relabel_patients(counts[relabelled], rng.random((relabelled.size, patient_mask.shape[0])))
+                sums = rank_sums(ranks.ranks[relabelled], permuted.astype(np.float32), None)
+                u2[relabelled] = np.rint(2.0 * sums - offset[relabelled])
+        else:
+            permuted = _relabel_patients(counts, rng.random(patient_mask.shape[::-1])).astype(np.float32)
+            u2 = np.rint(2.0 * rank_sums(ranks.ranks, permuted, unit_patient) - offset).astype(np.int64)
         curves[b], at_threshold[b], at_risk[b] = headlines(u2)
 
     _permutations(permutation, seed, n_permutations, threads, on_permutation)
@@ -166,6 +183,27 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
         "share_above": {t: compare_to_chance(shares[i], at_threshold[:, i], confidence) for i, t in enumerate(thresholds)},
         "at_risk": compare_to_chance(risk_share, at_risk, confidence),
     }
+
+
+def untied_null_draws(n_in, n_out, untied):
+    """A function rng → (n_units,) int64 2U with, for every `untied` unit, an independent draw from
+    the exact rank null of its (n_in, n_out) (`calibration.u_null_pmf`, by inverse CDF); the
+    other units' entries are 0 (filled by the caller). This is the permuted 2U of an untied unit
+    whose relabelling is independent of the others': a uniform n_in-subset of ranks 1..n."""
+    n_in, n_out = np.asarray(n_in, dtype=np.int64), np.asarray(n_out, dtype=np.int64)
+    units = np.flatnonzero(untied)
+    pairs, group = np.unique(np.stack([n_in[units], n_out[units]], axis=1), axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    tables = [(units[group == g], np.cumsum(u_null_pmf(int(a), int(b)))) for g, (a, b) in enumerate(pairs)]
+
+    def draw(rng):
+        u2 = np.zeros(n_in.shape, dtype=np.int64)
+        for members, cdf in tables:
+            u = np.searchsorted(cdf, rng.random(members.size) * cdf[-1], side="right")
+            u2[members] = 2 * np.minimum(u, cdf.size - 1)
+        return u2
+
+    return draw
 
 
 def permutation_generators(seed, n_permutations):
