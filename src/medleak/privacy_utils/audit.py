@@ -432,24 +432,27 @@ def audit_figures(out_dir, risk: RiskTables, attacks: Attacks, groups: SubgroupT
     category get no per-group figures (nothing to compare)."""
     varied = [a for a in risk.attributes.columns if risk.attributes[a].astype(str).nunique() > 1]
     slugs = {attribute: re.sub(r"[^A-Za-z0-9]+", "_", attribute).strip("_") for attribute in varied}
-    figs = {
-        "roc": figures.roc_figure({name: (curves, summary) for name, (summary, curves) in attacks.results.items()}, FPR_GRID, out_dir),
-        "esf_records": figures.esf_figure(risk.record_auc, out_dir, "esf_records", "Record-level risk", "records",
-                                          chance=floors["records"]["curve"], grid=AUC_GRID),
-        "esf_patients": figures.esf_figure(risk.patient_auc, out_dir, "esf_patients", "Patient-level risk", "patients",
-                                           chance=floors["patients"]["curve"], grid=AUC_GRID),
+    jobs = {  # key: (figure function, its arguments), drawn together by `figures.draw_all`
+        "roc": (figures.roc_figure, {name: (curves, summary) for name, (summary, curves) in attacks.results.items()},
+                FPR_GRID, out_dir),
+        "esf_records": (figures.esf_figure, risk.record_auc, out_dir, "esf_records", "Record-level risk", "records",
+                        floors["records"]["curve"], AUC_GRID),
+        "esf_patients": (figures.esf_figure, risk.patient_auc, out_dir, "esf_patients", "Patient-level risk", "patients",
+                         floors["patients"]["curve"], AUC_GRID),
     }
     for attribute, slug in slugs.items():
         values = risk.attributes[attribute].astype(str).to_numpy()
         by_category = {c: risk.patient_auc[values == c] for c in np.unique(values)}
-        figs[f"group_esf_{slug}"] = figures.subgroup_esf_figure(by_category, out_dir, f"esf_by_{slug}", attribute)
+        jobs[f"group_esf_{slug}"] = (figures.subgroup_esf_figure, by_category, out_dir, f"esf_by_{slug}", attribute)
         if attribute in groups.tests:
-            figs[f"composition_{slug}"] = figures.composition_figure(groups.composition[groups.composition["attribute"] == attribute],
-                                                                     groups.tests[attribute], out_dir, f"composition_{slug}", attribute)
+            jobs[f"composition_{slug}"] = (figures.composition_figure,
+                                           groups.composition[groups.composition["attribute"] == attribute],
+                                           groups.tests[attribute], out_dir, f"composition_{slug}", attribute)
         if groups.utility is not None and attribute in subgroups:
-            figs[f"utility_{slug}"] = figures.utility_privacy_figure(groups.utility[groups.utility["attribute"] == attribute],
-                                                                     groups.privacy[groups.privacy["attribute"] == attribute],
-                                                                     out_dir, f"utility_privacy_{slug}", attribute)
+            jobs[f"utility_{slug}"] = (figures.utility_privacy_figure, groups.utility[groups.utility["attribute"] == attribute],
+                                       groups.privacy[groups.privacy["attribute"] == attribute], out_dir,
+                                       f"utility_privacy_{slug}", attribute)
+    figs = figures.draw_all(jobs)
     return figs, slugs
 
 
