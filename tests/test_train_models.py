@@ -43,6 +43,15 @@ def test_wrn_28_2_parameter_count_matches_hand_count_and_paper():
     assert n_params(create_model("wrn_16_4", 3), (1, 32, 32, 3)) == wrn_param_formula(16, 4, 3, 3)
 
 
+def test_wrn_10_1_the_demos_cpu_model_matches_hand_count_and_takes_16px_grayscale():
+    model = create_model("wrn_10_1", 14)
+    count = n_params(model, (1, 16, 16, 1))
+    assert count == wrn_param_formula(10, 1, 1, 14) and 70_000 < count < 90_000
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)), train=False))
+    logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 16, 16, 1)), train=False), variables)
+    assert logits.shape == (2, 14) and logits.dtype == jnp.float32
+
+
 @pytest.mark.parametrize("shape", [(2, 64, 48, 1), (2, 33, 31, 3)])
 def test_wrn_output_shape_for_any_input_size(shape):
     model = create_model("wrn_28_2", 5)

@@ -1,11 +1,12 @@
 """Image classifiers (flax.linen) and the registry that builds them by name.
 
 - `small_cnn`: three conv stages (32/64/128 channels, ~93k parameters), fast enough on a CPU for
-  the demo and the tests.
+  the tests; it cannot memorise mislabelled images (its loss plateaus: bench/memorisation.py).
 - `wrn_<depth>_<width>`: pre-activation wide ResNet (Zagoruyko & Komodakis) as in the LiRA code
   the paper builds on: a 3x3 stem with 16 channels, then three stages of (depth - 4) / 6 blocks with
   16k, 32k and 64k channels (k = width; strides 1, 2, 2), LeakyReLU(0.1), global average pooling.
-  `wrn_28_2` has ~1.47M parameters.
+  `wrn_28_2` has ~1.47M parameters; `wrn_10_1` (one block per stage, 16/32/64 channels, ~78k) is
+  the CPU-sized one that still memorises mislabelled images as WRN-28-2 does on a GPU (the demo's).
 - `resnet9`: torchvision's ResNet-18 layout with one BasicBlock per stage, as DP_CXR uses it: a 7x7
   stride-2 stem (64) with a 3x3 stride-2 max-pool, stages of 64/128/256/512 channels (strides
   1, 2, 2, 2; 1x1 projection shortcut when the shape changes), global average pooling, GroupNorm(32)
@@ -193,4 +194,4 @@ def create_model(name: str, num_classes: int, norm: str = "group", dtype=jnp.flo
 
 def model_names() -> tuple:
     """Examples of valid model names (the WRN family accepts any valid depth/width)."""
-    return ("small_cnn", "resnet9", "wrn_16_4", "wrn_28_2", "wrn_28_10")
+    return ("small_cnn", "resnet9", "wrn_10_1", "wrn_16_4", "wrn_28_2", "wrn_28_10")
