@@ -181,20 +181,13 @@ def score_into(out, logits_path, labels, task, *, kernel=None, on_bytes=None, re
     return True
 
 
-def loading_threads() -> int:
-    """Runs scored at once: one more than the cores the statistics use (`risk.n_threads()`), so that
-    while one thread waits for the disk the others keep every core computing; MEDLEAK_THREADS, when
-    set, is taken as it is."""
-    return n_threads() + (0 if os.environ.get("MEDLEAK_THREADS") else 1)
-
-
 def score_rows(files: CampaignFiles, runs, out, rows=None, *, progress=True, threads=None) -> list:
     """Scores runs[i] into out[rows[i]] (default rows 0, 1, …), `threads` runs at once (default
-    `loading_threads()`), under one loading bar with throughput; [finite?] per run."""
+    `risk.n_threads()`), under one loading bar with throughput; [finite?] per run."""
     labels = files.train_labels
     rows = list(range(len(runs))) if rows is None else list(rows)
     n_views = out.shape[2]
-    threads = max(1, min(loading_threads() if threads is None else threads, len(runs) or 1))
+    threads = max(1, min(n_threads() if threads is None else threads, len(runs) or 1))
     bar = tqdm(total=len(runs) * labels.shape[0] * n_views * labels.shape[1] * 4, desc=f"loading {len(runs)} runs",
                unit="B", unit_scale=True, unit_divisor=1024, disable=not progress or not runs, smoothing=0.1)
     lock, local = threading.Lock(), threading.local()
