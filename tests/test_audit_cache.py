@@ -230,10 +230,14 @@ def test_cached_fits_equal_fresh_ones(tmp_path):
     cached_campaign = _load(logdir, cache=True)
     first = audit_fit(cached_campaign, options)
     assert first.cache is not None and not any((logdir / CACHE_DIR).glob("derived-*-lira_fit"))
-    first.lira_fit, first.rmia_fit, first.record_summary  # computed and stored
+    first.lira_fit, first.rmia_fit, first.record_summary, first.record_ranks, first.patient_ranks  # computed, stored
     again = audit_fit(_load(logdir, cache=True), options)  # read back (memory-mapped), not recomputed
     assert isinstance(again.lira_fit.groups["in"]["mean"], np.memmap)
+    assert isinstance(again.record_ranks.ranks, np.memmap)
     np.testing.assert_array_equal(again.record_summary, fresh.record_summary)
+    for name in ("record_ranks", "patient_ranks"):
+        np.testing.assert_array_equal(getattr(again, name).ranks, getattr(fresh, name).ranks, err_msg=name)
+        np.testing.assert_array_equal(getattr(again, name).tied, getattr(fresh, name).tied, err_msg=name)
     for name in ("lira_fit", "rmia_fit"):
         a, b = getattr(fresh, name), getattr(again, name)
         np.testing.assert_array_equal(a.member_order, b.member_order)
