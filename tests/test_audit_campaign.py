@@ -310,14 +310,15 @@ def test_null_campaign_reports_no_leakage(tmp_path, n_runs):
     assert summary["verdict"].startswith(f"No leakage detectable above chance with {n_runs} runs")
 
 
-def test_figures_drawn_in_worker_processes_are_the_serial_ones_in_order(tmp_path):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_figures_drawn_in_worker_processes_are_the_serial_ones_in_order(tmp_path, start_method):
     from medleak.privacy_utils import figures
 
     jobs = {f"esf_{i}": (figures.esf_figure, np.random.default_rng(i).uniform(0.4, 1.0, 60), tmp_path / str(i),
                          f"esf_{i}", f"figure {i}", "records") for i in range(3)}
     for i in range(3):
         (tmp_path / str(i)).mkdir()
-    parallel = figures.draw_all(jobs, processes=2)
+    parallel = figures.draw_all(jobs, processes=2, start_method=start_method)
     assert list(parallel) == list(jobs)
     assert parallel == {key: tmp_path / str(i) / f"esf_{i}.png" for i, key in enumerate(jobs)}
     drawn = {path: path.read_bytes() for path in parallel.values()}
@@ -325,4 +326,5 @@ def test_figures_drawn_in_worker_processes_are_the_serial_ones_in_order(tmp_path
     assert figures.draw_all(jobs, processes=1) == parallel
     assert {path: path.read_bytes() for path in parallel.values()} == drawn  # same pixels either way
     with pytest.raises(TypeError):  # a worker's error reaches the caller
-        figures.draw_all({**jobs, "broken": (figures.esf_figure, None, tmp_path, "x", "x", "records")}, processes=2)
+        figures.draw_all({**jobs, "broken": (figures.esf_figure, None, tmp_path, "x", "x", "records")}, processes=2,
+                         start_method=start_method)

@@ -105,7 +105,8 @@ def test_a_waiting_worker_takes_over_a_claim_of_another_host_when_its_lease_expi
     (tmp_path / "go").touch()
     logdir = tmp_path / "logdir"
     assert finish(start_worker(tmp_path, n_runs=2, plan_only=True))[0] == 0
-    elsewhere = WorkQueue(logdir, lease_seconds=3.0)
+    # long enough that the worker surely starts and trains run 1 before it expires (then it must wait)
+    elsewhere = WorkQueue(logdir, lease_seconds=12.0)
     elsewhere.process = dict(elsewhere.process, host="another-node")  # a worker we cannot see die
     claimed = elsewhere.claim()
     assert claimed.run_index == 0

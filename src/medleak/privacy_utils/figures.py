@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import multiprocessing
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -26,17 +27,23 @@ def _draw(job):
     return function(*args)
 
 
-def draw_all(jobs: dict, processes=None) -> dict:
+def draw_all(jobs: dict, processes=None, start_method=None) -> dict:
     """{key: (figure function, *arguments)} → {key: the PNG path it returned}, in the same order.
 
     Drawing holds the GIL (threads would take turns), so with several cores and jobs the figures
-    are drawn in `processes` forked worker processes (default `risk.n_threads()`); their files are
-    written atomically like any other figure, and an error in one is raised here.
+    are drawn in `processes` worker processes (default `risk.n_threads()`); their files are written
+    atomically like any other figure, and an error in one is raised here. Workers are forked (no
+    start-up cost) unless JAX is loaded in this process — forking its threads is unsafe — or fork
+    does not exist; then they are spawned (`start_method` overrides).
     """
     processes = min(n_threads() if processes is None else int(processes), len(jobs))
-    if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if processes <= 1:
         return {key: _draw(job) for key, job in jobs.items()}
-    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+    if start_method is None:
+        forkable = "fork" in multiprocessing.get_all_start_methods() and "jax" not in sys.modules
+        start_method = "fork" if forkable else "spawn"
+    context = multiprocessing.get_context(start_method)
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
         paths = pool.map(_draw, jobs.values())
         return dict(zip(jobs, paths))
 
