@@ -372,8 +372,8 @@ def _record_error(run: dict, worker: str, error: str, now: float) -> None:
 
 
 class Heartbeat:
-    """Renews the leases of a worker's claims (one, or the K of a batch) from a background thread
-    while they train.
+    """Renews the leases of a worker's claims (a list: one, or the K of a batch) from a background
+    thread while they train.
 
     Renews every lease/3 seconds, so two renewals can be missed (a slow shared filesystem) before
     the lease expires. `lost` is set when a claim turned out to be no longer ours.
@@ -381,7 +381,7 @@ class Heartbeat:
 
     def __init__(self, queue: WorkQueue, claims, log=print):
         self.queue, self.log = queue, log
-        self.claims = [claims] if isinstance(claims, Claim) else list(claims)
+        self.claims = list(claims)
         self.interval = max(queue.lease_seconds / 3.0, 0.05)
         self.lost = False
         self._warned = set()

@@ -19,8 +19,9 @@ import pandas as pd
 
 from medleak.errors import MedleakError
 from medleak.evaluation.external import eval_set
+from medleak.train_utils.optim import HEAD
 from medleak.data_utils.label_maps import PRIVACYDOMAIN_LABELS, shared_labels
-from medleak.evaluation.stats import THRESHOLD_RULES, evaluate_predictions
+from medleak.evaluation.stats import THRESHOLD_RULES, evaluate_predictions, largest_parity_gap
 
 LABEL_SETS = {"shared": None, "privacydomain": PRIVACYDOMAIN_LABELS}
 
@@ -51,7 +52,7 @@ def evaluate_model(model_dir, dataset: str, data_root, *, compare_dir=None, spli
     other = load_model(compare_dir) if compare_dir else None
     table = load_dataset(dataset, data_root, **(options or {}))
     val_table = validation_split(table.split("train"), val_fraction, seed)
-    model_labels = model.label_names or [str(c) for c in range(model.variables["params"]["Dense_0"]["bias"].shape[0])]
+    model_labels = model.label_names or [str(c) for c in range(model.variables["params"][HEAD]["bias"].shape[0])]
     only = LABEL_SETS[labels]
     if other is not None:  # score both on the labels all three share
         only = [name for _, _, name in shared_labels(model_labels, other.label_names or [], only=only)]
@@ -122,9 +123,9 @@ def short_table(result: dict) -> str:
         for value, summary in values.items():
             lines.append(f"{name + '=' + value:<28} {summary['n']:>6}  {fmt(summary['auroc']['macro'])}")
     for kind, per_label in result["statistical_parity"].items():
-        values = [v for spd in per_label for v in spd.values() if v is not None]
-        if values:
-            lines.append(f"largest |statistical parity difference| by {kind}: {max(np.abs(values)):.3f}")
+        largest = largest_parity_gap(per_label)
+        if largest is not None:
+            lines.append(f"largest |statistical parity difference| by {kind}: {largest:.3f}")
     if "paired_test" in result:
         macro = result["paired_test"]["macro"]
         if macro["difference"] is not None:

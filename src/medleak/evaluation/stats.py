@@ -197,6 +197,12 @@ def statistical_parity(predicted, groups, kind: str) -> dict:
     raise MedleakError(f"statistical parity is defined by 'sex' or 'age', not {kind!r}")
 
 
+def largest_parity_gap(per_label) -> float | None:
+    """max |SPD| over the labels and groups of one subgroup kind (`parity_differences` entry), or None."""
+    values = [v for spd in per_label for v in spd.values() if v is not None]
+    return float(np.max(np.abs(values))) if values else None
+
+
 def parity_differences(predicted, subgroups: dict) -> dict:
     """SPD per label for the 'sex' and 'age_group' subgroups present in `subgroups`:
     {"sex": [{"female-male": ..}, ...per label], "age_group": [{band: ..}, ...]}."""

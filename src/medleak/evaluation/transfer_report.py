@@ -19,14 +19,10 @@ import numpy as np
 import pandas as pd
 
 from medleak.errors import MedleakError
+from medleak.evaluation.stats import largest_parity_gap
 from medleak.io_utils import read_json, write_csv
 
 _NAME = re.compile(r"^(record|patient)_eps([^_]+)_(.+)\.json$")
-
-
-def _largest(per_label) -> float | None:
-    values = [v for spd in per_label for v in spd.values() if v is not None]
-    return float(np.max(np.abs(values))) if values else None
 
 
 def attack_risk(summary: dict) -> dict:
@@ -58,8 +54,8 @@ def comparison_table(eval_dir, audit_dir=None, in_domain: str | None = None) -> 
         row = {"dp_unit": unit, "epsilon": float(epsilon), "dataset": dataset,
                "domain": "in" if dataset == in_domain else "out", "n_test": result["n_test"],
                "macro_auroc": macro["auroc"], "auroc_low": macro["low"], "auroc_high": macro["high"],
-               "spd_sex_max": _largest(result["statistical_parity"].get("sex", [])),
-               "spd_age_max": _largest(result["statistical_parity"].get("age_group", []))}
+               "spd_sex_max": largest_parity_gap(result["statistical_parity"].get("sex", [])),
+               "spd_age_max": largest_parity_gap(result["statistical_parity"].get("age_group", []))}
         summary_path = Path(audit_dir or "", f"{unit}_eps{epsilon}", "attack_summary.json")
         row.update(attack_risk(read_json(summary_path)) if audit_dir and summary_path.is_file() else attack_risk({}))
         rows.append(row)

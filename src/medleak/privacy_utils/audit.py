@@ -33,8 +33,6 @@ from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESH
                                                group_differences, plan_runs)
 from medleak.privacy_utils.load import read_campaign_files
 from medleak.privacy_utils.noise_floor import AUC_GRID, DEFAULT_PERMUTATIONS
-
-RECORD_PERMUTATIONS = 50  # the audit's default for the record-level floor (--record_permutations)
 from medleak.privacy_utils.progress import Stages
 from medleak.privacy_utils.risk import RISK_THRESHOLDS, patient_risk, require_in_and_out, share_above
 from medleak.privacy_utils.rmia import DEFAULT_GAMMA, DEFAULT_POPULATION
@@ -45,6 +43,7 @@ from medleak.privacy_utils.subgroups import (TOP_SHARE, composition, patient_att
                                              record_label_text, utility_by_subgroup)
 from medleak.rundir import list_complete_runs
 
+RECORD_PERMUTATIONS = 50  # the audit's default for the record-level floor (--record_permutations)
 N_GRID_IMAGES = 16
 # Display name → `attacks.attack_targets` variant.
 ATTACK_VARIANTS = {"LiRA online": "lira_online", "LiRA online, fixed variance": "lira_online_fixed",

@@ -258,6 +258,17 @@ def rank_p_values(u2, n_in, n_out, tied, summaries):
     return p_value_lookup(n_in, n_out, tied, summaries)(u2)
 
 
+def count_groups(n_in, n_out, units):
+    """[(members, n_in, n_out)]: `units` (int indices) grouped by their (n_in, n_out), whose rank null
+    is shared (the exact-k plan has one group)."""
+    units = np.asarray(units, dtype=np.int64)
+    if not units.size:
+        return []
+    pairs, group = np.unique(np.stack([n_in[units], n_out[units]], axis=1), axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    return [(units[group == g], int(a), int(b)) for g, (a, b) in enumerate(pairs)]
+
+
 def p_value_lookup(n_in, n_out, tied, summaries):
     """A function u2 (n_units,) int → exact one-sided p-values, with every unit's null prepared once.
 
@@ -268,12 +279,7 @@ def p_value_lookup(n_in, n_out, tied, summaries):
     n_in = np.asarray(n_in, dtype=np.int64)
     n_out = np.asarray(n_out, dtype=np.int64)
     tied = np.asarray(tied, dtype=bool)
-    untied = np.flatnonzero(~tied)
-    tables = []
-    if untied.size:
-        pairs, group = np.unique(np.stack([n_in[untied], n_out[untied]], axis=1), axis=0, return_inverse=True)
-        group = group.reshape(-1)
-        tables = [(untied[group == g], _untied_survival(int(a), int(b))) for g, (a, b) in enumerate(pairs)]
+    tables = [(members, _untied_survival(a, b)) for members, a, b in count_groups(n_in, n_out, np.flatnonzero(~tied))]
     tied_units = [(int(unit), int(n_in[unit]), int(n_out[unit]), np.sort(np.asarray(summaries[:, unit], dtype=np.float64)))
                   for unit in np.flatnonzero(tied)]
 

@@ -199,15 +199,6 @@ def _warn_fallbacks(stats, offline, stacklevel):
                       stacklevel=stacklevel + 1)
 
 
-def gaussian_params(stats, *, offline=False, fix_variance=False):
-    """(μ_in, σ_in, μ_out, σ_out) per record/view with the fallbacks described in the module doc."""
-    mu_in, sd_in, mu_out, sd_out, pooled_in, pooled_out = _gaussian_fit(stats)
-    if fix_variance:
-        sd_in, sd_out = np.full_like(sd_in, pooled_in), np.full_like(sd_out, pooled_out)
-    _warn_fallbacks(stats, offline, stacklevel=3)
-    return mu_in, sd_in, mu_out, sd_out
-
-
 def _pooled_sd(sd, counts):
     """√(mean per-record variance) over records with ≥ 2 shadows (1.0 if there are none)."""
     usable = counts >= 2

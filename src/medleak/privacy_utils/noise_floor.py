@@ -30,7 +30,7 @@ from scipy import stats
 
 from medleak.errors import MedleakError
 from medleak.privacy_utils.calibration import (DEFAULT_ALPHA, DEFAULT_AUC_THRESHOLD, UnitRanks, bh_rejections,
-                                               check_summaries, patient_codes, patient_mask_from_records,
+                                               check_summaries, count_groups, patient_codes, patient_mask_from_records,
                                                p_value_lookup, rank_auc, u_null_pmf, unit_ranks)
 from medleak.privacy_utils.risk import RISK_THRESHOLDS, n_threads
 
@@ -132,7 +132,7 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     patient_mask = np.asarray(patient_mask, dtype=bool)
     if patient_mask.ndim != 2:
         raise MedleakError(f"patient_mask must be (n_models, n_patients), got shape {patient_mask.shape}")
-    unit_patient_given = unit_patient
+    units_are_patients = unit_patient is None
     unit_patient = np.arange(patient_mask.shape[1]) if unit_patient is None else np.asarray(unit_patient, dtype=np.int64)
     summaries, masks = check_summaries(summaries, patient_mask[:, unit_patient])
     if n_permutations < 1:
@@ -145,7 +145,6 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     # A relabelling's rank sums are row-wise dot products of the (n_units, n_models) midranks with
     # the unit's patient's row of the permuted mask, taken in blocks of units that stay in cache
     # (the expanded (n_models, n_units) mask is never materialised).
-    units_are_patients = unit_patient_given is None
     offset = n_in * (n_in + 1)
     scale = 2.0 * n_in * n_out
     p_values = p_value_lookup(n_in, n_out, tied, summaries)
@@ -160,16 +159,17 @@ def share_floor(summaries, patient_mask, unit_patient=None, *, grid=AUC_GRID, th
     at_risk = np.empty(n_permutations)
     counts = patient_mask.sum(axis=0)
 
-    draw_untied = untied_null_draws(n_in, n_out, ~tied) if units_are_patients else None
-    relabelled = np.flatnonzero(tied) if units_are_patients else None  # units relabelled model by model
+    if units_are_patients:
+        draw_untied = untied_null_draws(n_in, n_out, ~tied)
+        relabelled = np.flatnonzero(tied)  # units relabelled model by model: their counts, ranks, offsets
+        tied_counts, tied_ranks, tied_offset = counts[relabelled], ranks.ranks[relabelled], offset[relabelled]
 
     def permutation(b, rng):  # permute_patient_mask(patient_mask, rng), as (n_patients, n_models)
         if units_are_patients:
             u2 = draw_untied(rng)
             if relabelled.size:
-                permuted = _relabel_patients(counts[relabelled], rng.random((relabelled.size, patient_mask.shape[0])))
-                sums = rank_sums(ranks.ranks[relabelled], permuted.astype(np.float32), None)
-                u2[relabelled] = np.rint(2.0 * sums - offset[relabelled])
+                permuted = _relabel_patients(tied_counts, rng.random((relabelled.size, patient_mask.shape[0])))
+                u2[relabelled] = np.rint(2.0 * rank_sums(tied_ranks, permuted.astype(np.float32), None) - tied_offset)
         else:
             permuted = _relabel_patients(counts, rng.random(patient_mask.shape[::-1])).astype(np.float32)
             u2 = np.rint(2.0 * rank_sums(ranks.ranks, permuted, unit_patient) - offset).astype(np.int64)
@@ -191,10 +191,7 @@ def untied_null_draws(n_in, n_out, untied):
     other units' entries are 0 (filled by the caller). This is the permuted 2U of an untied unit
     whose relabelling is independent of the others': a uniform n_in-subset of ranks 1..n."""
     n_in, n_out = np.asarray(n_in, dtype=np.int64), np.asarray(n_out, dtype=np.int64)
-    units = np.flatnonzero(untied)
-    pairs, group = np.unique(np.stack([n_in[units], n_out[units]], axis=1), axis=0, return_inverse=True)
-    group = group.reshape(-1)
-    tables = [(units[group == g], np.cumsum(u_null_pmf(int(a), int(b)))) for g, (a, b) in enumerate(pairs)]
+    tables = [(members, np.cumsum(u_null_pmf(a, b))) for members, a, b in count_groups(n_in, n_out, np.flatnonzero(untied))]
 
     def draw(rng):
         u2 = np.zeros(n_in.shape, dtype=np.int64)
@@ -297,10 +294,9 @@ def strongest_attack_floor(attack_scores, target_masks, patient_ids, *, n_permut
 
     observed = attack_aucs(target_patient_mask)
     chance = np.empty((n_permutations, len(names)))
-    counts = target_patient_mask.sum(axis=0)
 
-    def permutation(b, rng):  # permute_patient_mask(target_patient_mask, rng)
-        chance[b] = attack_aucs(_relabel(counts, rng.random(target_patient_mask.shape[::-1])))
+    def permutation(b, rng):
+        chance[b] = attack_aucs(permute_patient_mask(target_patient_mask, rng))
 
     _permutations(permutation, seed, n_permutations, threads, on_permutation)
     return {

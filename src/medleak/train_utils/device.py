@@ -74,7 +74,6 @@ def resolve_compute_dtype(requested: str) -> str:
 # such a device (no GPU was available when they were set); WRN-28-2 at 64x64 uses a small share
 # of an H100/H200 per model, so several models per program should fill it.
 MODELS_PER_DEVICE = {"cpu": 1, "gpu": 8, "tpu": 8}
-MEASURED_MODELS_PER_DEVICE = {"cpu"}
 
 
 def resolve_models_per_program(requested: int) -> int:

@@ -59,4 +59,4 @@ def view_logits(program, variables, images, batch_size: int, progress: bool = Fa
             outputs.append(np.asarray(pending))
         pending = logits
     outputs.append(np.asarray(pending))
-    return np.concatenate(outputs, axis=row_axis).take(np.arange(n_rows), axis=row_axis)
+    return np.concatenate(outputs, axis=row_axis)[(slice(None),) * row_axis + (slice(0, n_rows),)]
