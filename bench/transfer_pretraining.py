@@ -59,7 +59,7 @@ def test_auroc(trainer, model, images, labels):
 
     on_device = jax.device_put(images)
     program = inference.compile_view_logits(trainer.model, model.eval_variables, on_device, 250, 1, "none")
-    logits = inference.view_logits(program, model.eval_variables, on_device, 250)[:, 0]
+    logits = inference.view_logits(program, model.eval_variables, on_device)[:, 0]
     return macro_auroc(logits, labels > 0.5)
 
 

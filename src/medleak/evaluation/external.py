@@ -99,7 +99,7 @@ class ExternalTests:
         images = jax.device_put(self.sets[name].images)
         if name not in self._programs:  # one compile per dataset and worker (every run has the same shapes)
             self._programs[name] = inference.compile_view_logits(model, variables, images, self.batch_size, 1, preset)
-        return inference.view_logits(self._programs[name], variables, images, self.batch_size)[:, 0]
+        return inference.view_logits(self._programs[name], variables, images)[:, 0]
 
     def metrics(self, model, variables, preset: str) -> dict:
         from medleak.train_utils.metrics import classification_metrics

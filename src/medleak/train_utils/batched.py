@@ -259,10 +259,11 @@ class BatchedTrainer:
             view_logits_fn = inference.make_view_logits(self.trainer.model, n_views, self.trainer.config.augment)
             variables_spec = jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.by_model), variables)
-            rows_spec = jax.ShapeDtypeStruct((self.trainer.eval_batch_size,), jnp.int32, sharding=self.replicated)
-            self._inference[name] = jax.jit(jax.vmap(view_logits_fn, in_axes=(0, None, None)),
-                                            out_shardings=self.by_model).lower(
+            batch_size = inference.balanced_batch_size(images.shape[0], self.trainer.eval_batch_size)
+            rows_spec = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.replicated)
+            call = jax.jit(jax.vmap(view_logits_fn, in_axes=(0, None, None)), out_shardings=self.by_model).lower(
                 variables_spec, images, rows_spec).compile()
+            self._inference[name] = inference.ViewLogitsProgram(call, batch_size)
             self.compile_seconds[name] = time.perf_counter() - started
         return self._inference[name]
 
@@ -273,7 +274,7 @@ class BatchedTrainer:
             padded = members + [members[0]] * (self.models_per_program - len(members))
             variables = jax.device_put(stack_trees([m.eval_variables for m in padded]), self.by_model)
             program = self._logits_program(name, variables, images, n_views)
-            logits = inference.view_logits(program, variables, images, self.trainer.eval_batch_size, row_axis=1)
+            logits = inference.view_logits(program, variables, images, row_axis=1)
             outputs.extend(logits[i] for i in range(len(members)))
         return outputs
 

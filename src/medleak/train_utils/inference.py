@@ -3,9 +3,12 @@
 The images stay on the device (uint8); each call gathers a fixed-size batch of rows, builds the
 views (augment.eval_views: view 0 clean, view 1 flipped when the preset flips, then augmentations
 from keys fixed per record and view, identical in every run) and returns float32 logits. The last
-batch is padded with the last row and trimmed, so one compiled program serves every batch;
-`balanced_batch_size` sizes the batches so that padding stays under one row per batch.
+batch is padded with the last row and trimmed, so one compiled program serves every batch; each
+program is compiled for `balanced_batch_size` rows (at most the caller's batch size), so padding
+stays under one row per batch, and carries that size (`ViewLogitsProgram`).
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -39,21 +42,32 @@ def make_view_logits(model, n_views: int, preset: str):
     return view_logits_fn
 
 
-def compile_view_logits(model, variables, images, batch_size: int, n_views: int, preset: str):
-    """Ahead-of-time compiled `make_view_logits` for these variables' and images' shapes."""
+@dataclasses.dataclass(frozen=True)
+class ViewLogitsProgram:
+    """A compiled `(variables, images, rows) -> logits` program and the rows it takes per call."""
+
+    call: object
+    batch_size: int
+
+
+def compile_view_logits(model, variables, images, max_batch_size: int, n_views: int, preset: str) -> ViewLogitsProgram:
+    """Ahead-of-time compiled `make_view_logits` for these variables' and images' shapes, taking
+    `balanced_batch_size(len(images), max_batch_size)` rows per call."""
+    batch_size = balanced_batch_size(images.shape[0], max_batch_size)
     rows_spec = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-    return jax.jit(make_view_logits(model, n_views, preset)).lower(variables, images, rows_spec).compile()
+    call = jax.jit(make_view_logits(model, n_views, preset)).lower(variables, images, rows_spec).compile()
+    return ViewLogitsProgram(call, batch_size)
 
 
-def view_logits(program, variables, images, batch_size: int, progress: bool = False, row_axis: int = 0) -> np.ndarray:
-    """float32 (N, V, C) logits of all N rows of `images`, `batch_size` rows per call (rows on
+def view_logits(program: ViewLogitsProgram, variables, images, progress: bool = False, row_axis: int = 0) -> np.ndarray:
+    """float32 (N, V, C) logits of all N rows of `images`, `program.batch_size` rows per call (rows on
     `row_axis`: 1 for K models' stacked (K, N, V, C) logits, train_utils/batched.py)."""
-    n_rows = images.shape[0]
+    n_rows, batch_size = images.shape[0], program.batch_size
     outputs, pending = [], None
     for start in tqdm(range(0, n_rows, batch_size), desc="inference", unit="batch", disable=not progress,
                       leave=False):
         rows = np.minimum(np.arange(start, start + batch_size), n_rows - 1).astype(np.int32)
-        logits = program(variables, images, rows)
+        logits = program.call(variables, images, rows)
         # Copy the previous batch to the host while this one computes.
         if pending is not None:
             outputs.append(np.asarray(pending))

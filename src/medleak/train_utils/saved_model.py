@@ -89,7 +89,7 @@ class SavedModel:
         on_device = jax.device_put(images)
         program = inference.compile_view_logits(self.model, self.variables, on_device, batch_size,
                                                 int(n_views or self.config.eval_views), self.config.augment)
-        return inference.view_logits(program, self.variables, on_device, batch_size)
+        return inference.view_logits(program, self.variables, on_device)
 
     def logits(self, images, batch_size: int | None = None) -> np.ndarray:
         """float32 (n, C) logits of the clean images (what the run's test_logits.npy holds)."""

@@ -587,12 +587,10 @@ class Trainer:
         """(N, V, C) logits of `images`, by a program compiled once per name, in balanced batches."""
         if name not in self._inference:
             started = time.perf_counter()
-            batch_size = inference.balanced_batch_size(images.shape[0], self.eval_batch_size)
-            self._inference[name] = batch_size, inference.compile_view_logits(
-                self.model, variables, images, batch_size, n_views, self.config.augment)
+            self._inference[name] = inference.compile_view_logits(
+                self.model, variables, images, self.eval_batch_size, n_views, self.config.augment)
             self.compile_seconds[name] = time.perf_counter() - started
-        batch_size, program = self._inference[name]
-        return inference.view_logits(program, variables, images, batch_size, progress=progress)
+        return inference.view_logits(self._inference[name], variables, images, progress=progress)
 
     def infer_train_views(self, model: TrainedModel, progress: bool = False) -> np.ndarray:
         """float32 (N, V, C) logits of every training row under the config's `eval_views` views."""
